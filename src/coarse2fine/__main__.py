@@ -1,0 +1,3 @@
+from coarse2fine.cli import main
+
+raise SystemExit(main())
