@@ -87,6 +87,7 @@ class TrainConfig:
     log_every: int = 50  # steps between TensorBoard scalars
     compile: bool = False
     threads: int | None = None  # torch.set_num_threads; None: leave as is
+    keep_checkpoints: int = 3  # per-epoch checkpoints/epoch_XXX.pt kept besides last.pt and best.pt
 
 
 @dataclass
@@ -114,23 +115,27 @@ class HDCNNConfig:
     finetune_epochs: int = 3  # global fine-tuning
     finetune_lr: float | None = None  # None: optim.lr / 10
     reference_hierarchy: str | None = None  # JSON {coarse: [fine, ...]} to compare against
+    fine_lr: float | None = None  # fine-component pre-training lr; None: optim.lr
+    fine_head_init: str = "random"  # random (SPEC 2.3: all but the last layer copied) | block (its rows)
+    fine_exec: str = "auto"  # auto | vmap (all K components batched) | loop (one after another)
+    beta_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # evaluation sweep
 
 
 @dataclass
 class HERBSConfig:
-    """HERBS (SPEC 3). Enabled when ``method: herbs``."""
+    """HERBS (SPEC 3). Enabled when ``method: herbs``; see ``coarse2fine.herbs``."""
 
-    stages: list[str] | None = None  # backbone stages to use; None: the last 4 (or all if fewer)
+    stages: list[str] | None = None  # stages to use; None: the last len(num_selects) (default 4, or all)
     fpn_size: int = 256  # common width F
-    num_selects: list[float] | None = None  # K_i as counts (>=1) or fractions (<1); None: defaults
+    num_selects: list[float] | None = None  # K_i as counts (>=1) or fractions (<1); None: official fractions
     rank_by: str = "official"  # official (mean-prediction class) | paper (max softmax per token)
-    use_fpn: bool = True
-    use_bottom_up: bool = True
-    use_selection: bool = True
-    use_combiner: bool = True
-    use_refinement: bool = True
-    basic: str | None = None  # None | bs | refine : the basic variants on the last block(s)
-    num_graph_nodes: int | None = None  # combiner pooled nodes
+    use_fpn: bool = True  # top-down path (off: projections only)
+    use_bottom_up: bool = True  # bottom-up path (required by use_refinement)
+    use_selection: bool = True  # selector + dropped loss
+    use_combiner: bool = True  # graph combiner + merged loss
+    use_refinement: bool = True  # top-down classifiers k1 + refinement loss
+    basic: str | None = None  # None | bs | refine : the basic variants on the last block(s); ignore use_*
+    num_graph_nodes: int | None = None  # combiner pooled nodes; None: max(4, kept tokens // 64)
     combiner_pool: str = "linear"  # linear (official, fixed token count) | attention (any size)
     lambda_merged: float = 1.0
     lambda_layer: float = 0.3

@@ -1,0 +1,43 @@
+"""HD-CNN's learned category hierarchy (SPEC 2.1): plain data, numpy + scikit-learn + matplotlib."""
+
+from typing import Any
+
+from coarse2fine.hierarchy.compare import compare_to_reference, mistake_severity, reference_coarse_of
+from coarse2fine.hierarchy.learn import (
+    cluster_classes,
+    coarse_targets,
+    confusion_matrix,
+    distance_matrix,
+    learn_hierarchy,
+    memberships,
+    partial_sets,
+    spectral_affinity,
+)
+from coarse2fine.hierarchy.structure import Hierarchy, default_coarse_names, load_reference
+
+__all__ = [
+    "Hierarchy",
+    "cluster_classes",
+    "coarse_targets",
+    "compare_to_reference",
+    "confusion_matrix",
+    "default_coarse_names",
+    "distance_matrix",
+    "learn_hierarchy",
+    "load_reference",
+    "memberships",
+    "mistake_severity",
+    "partial_sets",
+    "plot_hierarchy",
+    "reference_coarse_of",
+    "spectral_affinity",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """``plot_hierarchy`` is imported on first use (matplotlib is slow to import)."""
+    if name == "plot_hierarchy":
+        from coarse2fine.hierarchy.plot import plot_hierarchy
+
+        return plot_hierarchy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

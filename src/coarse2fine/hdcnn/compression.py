@@ -1,0 +1,474 @@
+"""Product-quantisation compression of weight matrices (SPEC 2.4, HD-CNN's layer compression).
+
+A weight ``W`` (m x n; a conv weight flattened to ``out x in*kh*kw``) is split column-wise into
+``n/s`` segments of width ``s``; k-means (scikit-learn) with ``k`` centres runs on the m rows of
+each segment. Every row-segment stores its centre index (uint8) and every segment its centres
+(float32): compression factor ``32mn / (32kn + 8mn/s)``.
+
+``n`` not a multiple of ``s`` is zero-padded up to one (logged; the padding is dropped on
+reconstruction). ``k`` larger than the number of rows ``m`` is clipped to ``m`` (every row then is
+its own centre: exact); ``k`` above 256 does not fit uint8 codes and is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
+from torch import Tensor, nn
+
+from coarse2fine.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MAX_K = 256  # uint8 codes
+
+LayerSpec = tuple[int, int]  # (s, k)
+Spec = Mapping[str, LayerSpec]
+
+
+def compression_factor(m: int, n: int, s: int, k: int) -> float:
+    """``32mn / (32kn + 8mn/s)`` (SPEC 2.4): fp32 weight bits over fp32 centres + uint8 code bits."""
+    return 32.0 * m * n / (32.0 * k * n + 8.0 * m * n / s)
+
+
+def _check_sk(m: int, s: int, k: int, where: str = "") -> int:
+    """Validate ``s`` and ``k``; return the effective ``k`` (clipped to the row count)."""
+    at = f" for {where}" if where else ""
+    if not isinstance(s, int) or s < 1:
+        raise ModelError(f"product quantisation{at}: segment width s must be a positive integer, got {s!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ModelError(
+            f"product quantisation{at}: number of centres k must be a positive integer, got {k!r}"
+        )
+    if k > MAX_K:
+        raise ModelError(f"product quantisation{at}: k={k} does not fit uint8 codes (at most {MAX_K})")
+    if k > m:
+        log.info("product quantisation%s: k=%d clipped to the %d rows", at, k, m)
+    return min(k, m)
+
+
+def _as_matrix(W: Tensor | np.ndarray) -> np.ndarray:
+    w = W.detach().float().cpu().numpy() if isinstance(W, Tensor) else np.asarray(W, dtype=np.float32)
+    if w.ndim < 2:
+        raise ModelError(f"product quantisation needs a matrix or a conv weight, got shape {tuple(w.shape)}")
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1), dtype=np.float32)
+
+
+def product_quantize(
+    W: Tensor | np.ndarray, s: int, k: int, seed: int = 0, *, n_init: int = 1, max_iter: int = 100
+) -> tuple[Tensor, Tensor]:
+    """Quantise ``W`` (m x n, or a conv weight, flattened to ``out x in*kh*kw``).
+
+    Returns ``codes`` uint8 ``(m, ceil(n/s))`` and ``centers`` float32 ``(ceil(n/s), k', s)`` with
+    ``k' = min(k, m)``. A segment with at most ``k'`` distinct rows is stored exactly.
+    """
+    w = _as_matrix(W)
+    m, n = w.shape
+    k_eff = _check_sk(m, s, k)
+    segs = math.ceil(n / s)
+    if segs * s != n:
+        log.info("product quantisation: %d columns zero-padded to %d (a multiple of s=%d)", n, segs * s, s)
+        w = np.pad(w, ((0, 0), (0, segs * s - n)))
+    codes = np.empty((m, segs), dtype=np.uint8)
+    centers = np.zeros((segs, k_eff, s), dtype=np.float32)
+    with threadpool_limits(limits=1), warnings.catch_warnings():  # one small k-means per segment
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for g in range(segs):
+            _quantize_segment(
+                w[:, g * s : (g + 1) * s], k_eff, seed + g, codes[:, g], centers[g], n_init, max_iter
+            )
+    return torch.from_numpy(codes), torch.from_numpy(centers)
+
+
+def _quantize_segment(
+    block: np.ndarray, k: int, seed: int, codes: np.ndarray, centers: np.ndarray, n_init: int, max_iter: int
+) -> None:
+    """k-means of one column segment's rows, written into ``codes`` (m,) and ``centers`` (k, s)."""
+    uniq, inverse = np.unique(block, axis=0, return_inverse=True)
+    if uniq.shape[0] <= k:  # exact
+        centers[: uniq.shape[0]] = uniq
+        centers[uniq.shape[0] :] = uniq[-1]
+        codes[:] = inverse.reshape(-1)
+        return
+    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=seed)
+    codes[:] = km.fit_predict(block)
+    centers[:] = km.cluster_centers_
+
+
+def reconstruct(codes: Tensor, centers: Tensor, n: int | None = None) -> Tensor:
+    """The quantised matrix ``(m, n)``: row-segment ``(i, g)`` is ``centers[g, codes[i, g]]``.
+
+    ``n`` (default ``segments * s``) drops the zero padding.
+    """
+    segs, _, s = centers.shape
+    if codes.dim() != 2 or codes.shape[1] != segs:
+        raise ModelError(f"codes of shape {tuple(codes.shape)} do not match {segs} segments of centres")
+    idx = codes.long()
+    w = centers[torch.arange(segs, device=centers.device).unsqueeze(0), idx]  # (m, segs, s)
+    w = w.reshape(codes.shape[0], segs * s)
+    return w if n is None else w[:, :n]
+
+
+def relative_error(W: Tensor, W_hat: Tensor) -> float:
+    """``||W - W_hat||_F / ||W||_F``."""
+    W = W.detach().float().reshape(W.shape[0], -1)
+    W_hat = W_hat.detach().float().reshape(W.shape[0], -1).to(W.device)
+    return float(torch.linalg.norm(W - W_hat) / torch.linalg.norm(W).clamp_min(1e-12))
+
+
+class _PQMixin(nn.Module):
+    """Holds ``codes`` (uint8 buffer) and ``centers`` (fp32 buffer); rebuilds the weight.
+
+    In eval mode the rebuilt weight is cached after the first forward; the cache is dropped on
+    ``train()``, ``load_state_dict`` and device / dtype moves.
+    """
+
+    codes: Tensor
+    centers: Tensor
+
+    def _init_pq(self, m: int, n: int, s: int, k: int) -> None:
+        segs = math.ceil(n / s)
+        self.s, self.k, self.n = s, k, n
+        self.register_buffer("codes", torch.zeros(m, segs, dtype=torch.uint8))
+        self.register_buffer("centers", torch.zeros(segs, k, s, dtype=torch.float32))
+        self._cached: Tensor | None = None
+
+    def set_quantized(self, codes: Tensor, centers: Tensor) -> None:
+        if codes.shape != self.codes.shape or centers.shape != self.centers.shape:
+            raise ModelError(
+                f"quantised tensors {tuple(codes.shape)}, {tuple(centers.shape)} do not fit "
+                f"{tuple(self.codes.shape)}, {tuple(self.centers.shape)}"
+            )
+        with torch.no_grad():
+            self.codes.copy_(codes)
+            self.centers.copy_(centers)
+        self._cached = None
+
+    def weight_matrix(self) -> Tensor:
+        if self._cached is not None and not self.training:
+            return self._cached
+        w = reconstruct(self.codes, self.centers, self.n)
+        if not self.training:
+            self._cached = w
+        return w
+
+    def train(self, mode: bool = True) -> _PQMixin:
+        self._cached = None
+        return super().train(mode)
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> _PQMixin:
+        self._cached = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cached = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return (
+            self.codes.numel() * self.codes.element_size()
+            + self.centers.numel() * self.centers.element_size()
+        )
+
+
+class PQLinear(_PQMixin):
+    """``nn.Linear`` whose weight is product-quantised (SPEC 2.4)."""
+
+    def __init__(self, in_features: int, out_features: int, s: int, k: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_pq(out_features, in_features, s, k)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_matrix()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(
+            x, self.weight_matrix().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}, k={self.k}"
+
+    @classmethod
+    def empty_like(cls, layer: nn.Linear, s: int, k: int) -> PQLinear:
+        k = _check_sk(layer.out_features, s, k)
+        return cls(layer.in_features, layer.out_features, s, k, bias=layer.bias is not None)
+
+
+class PQConv2d(_PQMixin):
+    """``nn.Conv2d`` whose weight (flattened ``out x in/groups*kh*kw``) is product-quantised (SPEC 2.4)."""
+
+    def __init__(self, conv: nn.Conv2d, s: int, k: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding = list(getattr(conv, "_reversed_padding_repeated_twice", []))
+        self.weight_shape = tuple(conv.weight.shape)
+        n = int(np.prod(self.weight_shape[1:]))
+        self._init_pq(self.out_channels, n, s, k)
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if conv.bias is not None else None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_matrix().view(self.weight_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, s={self.s}, k={self.k}"
+        )
+
+    @classmethod
+    def empty_like(cls, conv: nn.Conv2d, s: int, k: int) -> PQConv2d:
+        return cls(conv, s, _check_sk(conv.out_channels, s, k))
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str  # linear | conv2d
+    shape: list[int]  # original weight shape
+    m: int
+    n: int
+    s: int
+    k: int  # effective k (clipped to m)
+    padded_n: int
+    factor: float  # SPEC formula on (m, n, s, k)
+    bytes_before: int  # fp32 weight
+    bytes_after: int  # uint8 codes + fp32 centres
+    rel_error: float  # ||W - W_hat||_F / ||W||_F
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress_model` did, per layer and for the whole model."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
+
+    @property
+    def model_factor(self) -> float:
+        return self.model_bytes_before / max(self.model_bytes_after, 1)
+
+    def spec(self) -> dict[str, list[int]]:
+        """``{layer: [s, k]}`` (effective k), JSON-able: rebuilds the structure with
+        :func:`apply_compression_structure`."""
+        return {r.name: [r.s, r.k] for r in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [asdict(r) for r in self.layers],
+            "model_bytes_before": self.model_bytes_before,
+            "model_bytes_after": self.model_bytes_after,
+            "model_factor": self.model_factor,
+        }
+
+    def table(self) -> str:
+        """Markdown table of the layers and the model totals."""
+        rows = [
+            "| layer | shape | s | k | factor | bytes before | bytes after | rel. error |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.layers:
+            rows.append(
+                f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.s} | {r.k} | {r.factor:.2f}x | "
+                f"{r.bytes_before:,} | {r.bytes_after:,} | {r.rel_error:.4f} |"
+            )
+        rows.append(
+            f"| **model** | | | | {self.model_factor:.2f}x | {self.model_bytes_before:,} | "
+            f"{self.model_bytes_after:,} | |"
+        )
+        return "\n".join(rows)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _layer_dims(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    return int(w.shape[0]), int(w[0].numel())
+
+
+def auto_k(m: int, k_max: int) -> int:
+    """Centres for a layer with ``m`` rows: the largest power of two <= min(k_max, m/4), at least 2."""
+    return max(2, min(k_max, 2 ** math.floor(math.log2(max(m / 4, 1)))))
+
+
+def auto_spec(
+    model: nn.Module,
+    *,
+    linear: LayerSpec = (4, 256),
+    conv: LayerSpec = (3, 128),
+    min_factor: float = 2.0,
+    min_params: int = 4096,
+    skip: tuple[str, ...] = (),
+) -> dict[str, LayerSpec]:
+    """Default rule. Every ``nn.Linear`` gets ``linear`` = (s, k_max) (the paper's fc7 setting) and every
+    ``nn.Conv2d`` with a kernel larger than 1x1 gets ``conv`` (the paper's NIN setting), with
+    ``k = auto_k(m, k_max)`` (at most a quarter of the rows, so small layers still shrink); a layer is
+    kept when it has at least ``min_params`` weights and its SPEC factor is at least ``min_factor``.
+    """
+    spec: dict[str, LayerSpec] = {}
+    for name, mod in model.named_modules():
+        if name in skip or isinstance(mod, _PQMixin):
+            continue
+        if isinstance(mod, nn.Linear):
+            s, k_max = linear
+        elif isinstance(mod, nn.Conv2d) and mod.weight[0, 0].numel() > 1:
+            s, k_max = conv
+        else:
+            continue
+        m, n = _layer_dims(mod)
+        k = auto_k(m, k_max)
+        if m * n >= min_params and compression_factor(m, n, s, k) >= min_factor:
+            spec[name] = (s, k)
+    return spec
+
+
+def _resolve_spec(model: nn.Module, spec: Spec | str | None) -> dict[str, LayerSpec]:
+    if spec is None or spec == "auto":
+        return auto_spec(model)
+    if isinstance(spec, str):
+        raise ModelError(f"compression spec {spec!r}: expected 'auto' or a mapping layer -> (s, k)")
+    modules = dict(model.named_modules())
+    out: dict[str, LayerSpec] = {}
+    for name, sk in spec.items():
+        if name not in modules:
+            layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d, _PQMixin))]
+            raise ModelError(f"compression: no layer named {name!r}; weight layers: {', '.join(layers)}")
+        mod = modules[name]
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            raise ModelError(f"compression: layer {name!r} is a {type(mod).__name__}, not Linear or Conv2d")
+        try:
+            s, k = (int(v) for v in sk)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"compression: layer {name!r} needs (s, k), got {sk!r}") from exc
+        out[name] = (s, _check_sk(_layer_dims(mod)[0], s, k, name))
+    return out
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _empty_pq(mod: nn.Module, s: int, k: int) -> _PQMixin:
+    if isinstance(mod, nn.Linear):
+        return PQLinear.empty_like(mod, s, k)
+    if isinstance(mod, nn.Conv2d):
+        return PQConv2d.empty_like(mod, s, k)
+    raise ModelError(f"compression: {type(mod).__name__} is not Linear or Conv2d")
+
+
+def compress_model(model: nn.Module, spec: Spec | str | None = "auto", *, seed: int = 0) -> CompressionReport:
+    """Replace the layers named in ``spec`` (``{name: (s, k)}``, or ``"auto"`` = :func:`auto_spec`) by
+    :class:`PQLinear` / :class:`PQConv2d` in place and report sizes and reconstruction errors.
+    """
+    layers = _resolve_spec(model, spec)
+    if not layers:
+        raise ModelError("compression: no layer to compress (empty spec, or no layer fits the auto rule)")
+    report = CompressionReport(model_bytes_before=model_bytes(model))
+    modules = dict(model.named_modules())
+    for name, (s, k) in layers.items():
+        mod = modules[name]
+        weight = mod.weight.detach()
+        m, n = _layer_dims(mod)
+        codes, centers = product_quantize(weight, s, k, seed)
+        new = _empty_pq(mod, s, k)
+        new.set_quantized(codes, centers)
+        if mod.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(mod.bias.detach())
+        new.to(weight.device)
+        new.train(mod.training)
+        _set_module(model, name, new)
+        err = relative_error(weight, reconstruct(codes, centers, n))
+        report.layers.append(
+            LayerReport(
+                name=name,
+                kind="linear" if isinstance(mod, nn.Linear) else "conv2d",
+                shape=list(weight.shape),
+                m=m,
+                n=n,
+                s=s,
+                k=new.k,
+                padded_n=centers.shape[0] * s,
+                factor=compression_factor(m, n, s, new.k),
+                bytes_before=weight.numel() * weight.element_size(),
+                bytes_after=new.compressed_bytes,
+                rel_error=err,
+            )
+        )
+    report.model_bytes_after = model_bytes(model)
+    return report
+
+
+def apply_compression_structure(
+    model: nn.Module, report_or_spec: CompressionReport | Mapping[str, Any]
+) -> nn.Module:
+    """Swap the named layers of a freshly built (uncompressed) ``model`` for empty PQ layers of the
+    same geometry, so that a compressed ``state_dict`` (uint8 codes) loads into it.
+
+    Accepts a :class:`CompressionReport`, its :meth:`~CompressionReport.spec`, or its ``to_dict()``.
+    """
+    if isinstance(report_or_spec, CompressionReport):
+        spec: Mapping[str, Any] = report_or_spec.spec()
+    elif "layers" in report_or_spec and isinstance(report_or_spec["layers"], list):
+        spec = {r["name"]: (r["s"], r["k"]) for r in report_or_spec["layers"]}
+    else:
+        spec = report_or_spec
+    layers = _resolve_spec(model, spec)
+    modules = dict(model.named_modules())
+    for name, (s, k) in layers.items():
+        mod = modules[name]
+        new = _empty_pq(mod, s, k)
+        new.to(mod.weight.device)
+        new.train(mod.training)
+        _set_module(model, name, new)
+    return model
+
+
+def parse_layer_spec(items: list[str]) -> dict[str, LayerSpec]:
+    """``["fc6=14:64", "fc7=4:256"]`` -> ``{"fc6": (14, 64), "fc7": (4, 256)}`` (command-line form)."""
+    out: dict[str, LayerSpec] = {}
+    for item in items:
+        name, sep, sk = item.partition("=")
+        s, sep2, k = sk.partition(":")
+        try:
+            if not (sep and sep2 and name):
+                raise ValueError
+            out[name.strip()] = (int(s), int(k))
+        except ValueError as exc:
+            raise ModelError(f"layer spec {item!r}: expected NAME=S:K, e.g. classifier.0=4:256") from exc
+    return out

@@ -1,0 +1,427 @@
+"""The HD-CNN network (SPEC 2.2, 2.4): shared layers, coarse component, K fine components.
+
+Built from any building block of the model factory (a :class:`~coarse2fine.models.base.Backbone`)
+and a category hierarchy (partial sets S_k of fine classes), branching at a named stage:
+
+- shared layers = a deep copy of the block's preceding layers (up to ``branch_stage``);
+- coarse component = a copy of the rear layers with the full C-way softmax B^f, followed by the
+  fine-to-coarse aggregation B_ik = sum_{j: k in partial sets of j} B^f_ij, L1-normalised over k;
+- fine components F_k = copies of the rear layers whose last classifier layer outputs |S_k| classes;
+- probabilistic averaging p(j|x_i) = sum_k B_ik p_k(j|x_i) / sum_k B_ik over the components run.
+
+The K fine components have identical structure, so their parameters are stored *stacked* (leading
+dimension K) and, when all of them run, executed at once with ``torch.vmap`` over one template
+module (``fine_exec="vmap"``); ``"loop"`` runs them one after another (same parameters, same
+result). Every component's last layer is stored padded to ``max_k |S_k|`` outputs; the padding
+rows are masked to probability 0 and receive no gradient.
+
+Conditional execution (SPEC 2.4): at inference with ``beta`` set, B_ik < 1/(beta K) is set to 0
+and F_k runs only on the sub-batch of images that still need it (``index_select`` in,
+``index_add_`` out; no Python loop over images).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from coarse2fine.errors import HierarchyError, ModelError
+
+log = logging.getLogger(__name__)
+
+LOG_CLAMP = 1e-12  # p is clamped to this before the log returned as "logits"
+FINE_EXEC = ("auto", "vmap", "loop")
+
+
+# ---- generic helpers on the rear layers ------------------------------------------------------------
+
+
+def find_classifier(module: nn.Module) -> tuple[str, nn.Module]:
+    """The last ``nn.Linear`` or 1x1 ``nn.Conv2d`` of ``module`` (in registration order).
+
+    This is the layer whose outputs are the classes: for VGG/ResNet heads a Linear, for NIN the
+    final 1x1 convolution before global pooling.
+    """
+    found: tuple[str, nn.Module] | None = None
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear) or (
+            isinstance(sub, nn.Conv2d) and tuple(sub.kernel_size) == (1, 1) and sub.groups == 1
+        ):
+            found = (name, sub)
+    if found is None:
+        raise ModelError(
+            f"no nn.Linear or 1x1 nn.Conv2d classifier found in the rear layers ({type(module).__name__})"
+        )
+    return found
+
+
+def _resized_classifier(layer: nn.Module, out_features: int) -> nn.Module:
+    """A freshly initialised copy of the classifier ``layer`` with ``out_features`` outputs."""
+    if isinstance(layer, nn.Linear):
+        new: nn.Module = nn.Linear(layer.in_features, out_features, bias=layer.bias is not None)
+    else:
+        assert isinstance(layer, nn.Conv2d)
+        new = nn.Conv2d(layer.in_channels, out_features, 1, bias=layer.bias is not None)
+    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def split_block(block: nn.Module, stage: str) -> tuple[nn.Module, nn.Module]:
+    """``block.split(stage)`` -> (preceding, rear); ModelError listing the stages if unknown.
+
+    Falls back to composing ``block.sequence()`` when ``split`` itself fails on a non-ModelError
+    (older ``models/base.py`` passed a plain dict to ``nn.Sequential``).
+    """
+    try:
+        return block.split(stage)
+    except ModelError:
+        raise
+    except TypeError:
+        info = block.stage(stage)
+        seq = block.sequence()
+        names = [n for n, _ in seq]
+        if info.module not in names:
+            raise ModelError(f"stage {stage!r} is not a split point; split points: {names[:-1]}") from None
+        cut = names.index(info.module) + 1
+        return nn.Sequential(OrderedDict(seq[:cut])), nn.Sequential(OrderedDict(seq[cut:]))
+
+
+def _mangle(name: str) -> str:
+    return name.replace(".", "__")
+
+
+# ---- the stacked fine components ------------------------------------------------------------------
+
+
+class FineComponents(nn.Module):
+    """K structurally identical fine components with stacked parameters (leading dim K).
+
+    ``template`` is a parameter-free (meta-device) copy of one component used by
+    ``torch.func.functional_call``; it is not registered, so it is not in ``state_dict``.
+    """
+
+    def __init__(self, components: Sequence[nn.Module], exec_mode: str = "auto") -> None:
+        super().__init__()
+        self.num_components = len(components)
+        params, buffers = stack_module_state(list(components))
+        self._param_names = list(params)
+        self._buffer_names = list(buffers)
+        # 4-D per-component tensors (conv weights) are stored as (K*out, in, kh, kw) so that
+        # ``module.to(memory_format=torch.channels_last)`` applies to them; ``stacked`` views them as 5-D.
+        self._folded = {n: int(v.shape[1]) for n, v in {**params, **buffers}.items() if v.dim() == 5}
+        for name, value in params.items():
+            self.register_parameter(_mangle(name), nn.Parameter(self._fold(name, value.detach().clone())))
+        for name, value in buffers.items():
+            self.register_buffer(_mangle(name), self._fold(name, value.detach().clone()))
+        template = copy.deepcopy(components[0]).to("meta")
+        object.__setattr__(self, "template", template)
+        self.exec_mode = exec_mode
+        self._vmap_ok: bool | None = None
+        self.set_exec(exec_mode)
+
+    def set_exec(self, exec_mode: str) -> None:
+        """``auto`` (vmap, falling back to a loop), ``vmap`` or ``loop`` for running all components."""
+        if exec_mode not in FINE_EXEC:
+            raise ModelError(f"hdcnn fine_exec {exec_mode!r} is not one of {FINE_EXEC}")
+        self.exec_mode = exec_mode
+        self._vmap_ok = None if exec_mode == "auto" else exec_mode == "vmap"
+
+    def train(self, mode: bool = True) -> FineComponents:
+        super().train(mode)
+        self.template.train(mode)
+        return self
+
+    def _fold(self, name: str, value: Tensor) -> Tensor:
+        return value.flatten(0, 1) if name in self._folded else value
+
+    def _unfold(self, name: str) -> Tensor:
+        value = getattr(self, _mangle(name))
+        if name in self._folded:
+            return value.unflatten(0, (self.num_components, self._folded[name]))
+        return value
+
+    def stacked(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(params, buffers) keyed by the template's names, each with leading dimension K (views)."""
+        params = {n: self._unfold(n) for n in self._param_names}
+        buffers = {n: self._unfold(n) for n in self._buffer_names}
+        return params, buffers
+
+    def state_of(self, k: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Component ``k``'s parameters and buffers (views into the stacked tensors)."""
+        params, buffers = self.stacked()
+        return {n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}
+
+    def forward_one(self, k: int, h: Tensor) -> Tensor:
+        """Run component ``k`` on ``h`` -> logits ``(n, S_max)``."""
+        return functional_call(self.template, self.state_of(k), (h,))
+
+    def _forward_vmap(self, h: Tensor) -> Tensor:
+        params, buffers = self.stacked()
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(self.template, (p, b), (x,))
+
+        return vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, h)
+
+    def forward_all(self, h: Tensor) -> Tensor:
+        """Every component on the whole batch -> logits ``(K, B, S_max)``."""
+        if self._vmap_ok is not False:
+            try:
+                return self._forward_vmap(h)
+            except Exception as exc:  # vmap cannot trace some exotic layers: fall back, once
+                if self._vmap_ok:
+                    raise
+                log.warning("HD-CNN: vmap over fine components failed (%s); running them in a loop", exc)
+                self._vmap_ok = False
+        return torch.stack([self.forward_one(k, h) for k in range(self.num_components)])
+
+    def component(self, k: int) -> nn.Module:
+        """A standalone, independent copy of component ``k`` (e.g. to pretrain it alone)."""
+        params, buffers = self.state_of(k)
+        device = next(iter(params.values())).device
+        module = copy.deepcopy(self.template).to_empty(device=device)
+        module.load_state_dict({**params, **buffers})
+        module.train(self.training)
+        return module
+
+    @torch.no_grad()
+    def load_component(self, k: int, module: nn.Module) -> None:
+        """Copy the parameters and buffers of ``module`` (same structure) into slot ``k``."""
+        state = module.state_dict()
+        params, buffers = self.stacked()
+        for name, target in {**params, **buffers}.items():
+            if name not in state:
+                raise ModelError(f"fine component {k}: missing tensor {name!r} in the module to load")
+            target[k].copy_(state[name])
+
+
+# ---- HD-CNN -------------------------------------------------------------------------------------
+
+
+def _normalise_partial_sets(
+    partial_sets: Sequence[Sequence[int | str]], class_names: Sequence[str] | None, num_classes: int
+) -> list[list[int]]:
+    index = {name: i for i, name in enumerate(class_names or [])}
+    result: list[list[int]] = []
+    for k, members in enumerate(partial_sets):
+        ids: list[int] = []
+        for m in members:
+            if isinstance(m, str):
+                if m not in index:
+                    raise HierarchyError(f"partial set {k}: class {m!r} is not one of the model's classes")
+                ids.append(index[m])
+            else:
+                j = int(m)
+                if not 0 <= j < num_classes:
+                    raise HierarchyError(f"partial set {k}: class index {j} outside 0..{num_classes - 1}")
+                ids.append(j)
+        if not ids:
+            raise HierarchyError(f"partial set {k} is empty; every coarse category needs a fine class")
+        if len(set(ids)) != len(ids):
+            raise HierarchyError(f"partial set {k} lists a class twice: {ids}")
+        result.append(sorted(ids))
+    return result
+
+
+class HDCNN(nn.Module):
+    """Hierarchical deep CNN from a building block and partial sets (SPEC 2.2, 2.4).
+
+    ``forward(x)`` returns a dict (ARCHITECTURE.md training contract):
+
+    - ``"logits"``: log p(j|x), clamped at ``LOG_CLAMP`` (B, C);
+    - ``"probs"``: p(j|x) (B, C), rows sum to 1;
+    - ``"coarse_probs"``: B_ik after aggregation and L1 normalisation (B, K);
+    - ``"fine_probs_coarse"``: the coarse component's fine softmax B^f (B, C);
+    - ``"heads"``: ``{"coarse_component": log B^f}`` (the coarse component as a fine classifier);
+    - ``"components_run"``: fine components executed per image (B,) int64.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        partial_sets: Sequence[Sequence[int | str]],
+        branch_stage: str,
+        *,
+        class_names: Sequence[str] | None = None,
+        beta: float | None = None,
+        fine_exec: str = "auto",
+        fine_head_init: str = "random",
+    ) -> None:
+        super().__init__()
+        if not hasattr(block, "split") or not hasattr(block, "num_classes"):
+            raise ModelError(f"HD-CNN needs a Backbone with split(stage); got {type(block).__name__}")
+        num_classes = int(block.num_classes)
+        if class_names is not None and len(class_names) != num_classes:
+            raise HierarchyError(
+                f"hierarchy has {len(class_names)} classes but the building block outputs {num_classes}"
+            )
+        sets = _normalise_partial_sets(partial_sets, class_names, num_classes)
+        num_coarse = len(sets)
+        if num_coarse < 1:
+            raise HierarchyError("the hierarchy has no partial sets")
+        if num_coarse > num_classes:
+            raise HierarchyError(f"K={num_coarse} coarse categories exceeds the {num_classes} fine classes")
+        uncovered = sorted(set(range(num_classes)) - {j for s in sets for j in s})
+        if uncovered:
+            names = [class_names[j] for j in uncovered] if class_names else uncovered
+            raise HierarchyError(f"classes {names} are in no partial set, so HD-CNN could never predict them")
+        if fine_head_init not in ("random", "block"):
+            raise ModelError(f"hdcnn fine_head_init {fine_head_init!r} is not 'random' or 'block'")
+
+        preceding, rear = split_block(block, branch_stage)  # ModelError listing the stages if unknown
+        self.branch_stage = branch_stage
+        self.num_classes = num_classes
+        self.num_coarse = num_coarse
+        self.partial_sets = sets
+        self.class_names = list(class_names) if class_names is not None else None
+        self.beta = beta
+        self.shared = copy.deepcopy(preceding)
+        self.coarse = copy.deepcopy(rear)
+
+        cls_name, cls_layer = find_classifier(rear)
+        if getattr(cls_layer, "out_features", getattr(cls_layer, "out_channels", None)) != num_classes:
+            raise ModelError(
+                f"the rear's last classifier layer {cls_name!r} does not output the {num_classes} classes"
+            )
+        self.classifier_name = cls_name
+        s_max = max(len(s) for s in sets)
+        components = []
+        for members in sets:
+            comp = copy.deepcopy(rear)
+            head = _resized_classifier(cls_layer, s_max)
+            if fine_head_init == "block":  # start from the block's rows of the classes in S_k
+                with torch.no_grad():
+                    head.weight[: len(members)].copy_(cls_layer.weight[members])
+                    if head.bias is not None:
+                        head.bias[: len(members)].copy_(cls_layer.bias[members])
+            _set_submodule(comp, cls_name, head)
+            components.append(comp)
+        self.fine = FineComponents(components, fine_exec)
+
+        membership = torch.zeros(num_classes, num_coarse)
+        expand = torch.zeros(num_coarse, s_max, num_classes)
+        valid = torch.zeros(num_coarse, s_max, dtype=torch.bool)
+        for k, members in enumerate(sets):
+            membership[members, k] = 1.0
+            expand[k, torch.arange(len(members)), torch.tensor(members)] = 1.0
+            valid[k, : len(members)] = True
+        self.register_buffer("membership", membership, persistent=False)  # (C, K)
+        self.register_buffer("expand", expand, persistent=False)  # (K, S_max, C) local -> global
+        self.register_buffer("valid", valid, persistent=False)  # (K, S_max)
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def coarse_forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(B^f (B, C), B (B, K)) from shared features ``h`` (SPEC 2.2 aggregation)."""
+        fine_probs = F.softmax(self.coarse(h).float(), dim=-1)
+        agg = fine_probs @ self.membership
+        return fine_probs, agg / agg.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+    def local_probs(self, k: int | None, logits: Tensor) -> Tensor:
+        """Softmax over the valid outputs of component ``k`` (or all, for ``(K, B, S)``)."""
+        mask = self.valid if k is None else self.valid[k]
+        if k is None:
+            mask = mask[:, None, :]
+        return F.softmax(logits.float().masked_fill(~mask, float("-inf")), dim=-1)
+
+    def conditional_weights(self, coarse_probs: Tensor, beta: float) -> Tensor:
+        """B_ik set to 0 below 1/(beta K); each image keeps at least its most probable component."""
+        keep = coarse_probs >= 1.0 / (beta * self.num_coarse)
+        top = coarse_probs.argmax(dim=1, keepdim=True)
+        keep = keep.scatter(1, top, True)
+        return coarse_probs * keep
+
+    def _all_components(self, h: Tensor, weights: Tensor) -> Tensor:
+        local = self.local_probs(None, self.fine.forward_all(h))  # (K, B, S_max)
+        mixed = torch.einsum("bk,kbs,ksc->bc", weights, local, self.expand)
+        return mixed / weights.sum(dim=1, keepdim=True)
+
+    def _routed_components(self, h: Tensor, weights: Tensor) -> Tensor:
+        """Run F_k only on the images with a nonzero weight for k (SPEC 2.4)."""
+        out = h.new_zeros(h.shape[0], self.num_classes, dtype=torch.float32)
+        for k in range(self.num_coarse):
+            idx = torch.nonzero(weights[:, k] > 0, as_tuple=True)[0]
+            if idx.numel() == 0:
+                continue
+            local = self.local_probs(k, self.fine.forward_one(k, h.index_select(0, idx)))
+            contrib = (local @ self.expand[k]) * weights.index_select(0, idx)[:, k : k + 1]
+            out.index_add_(0, idx, contrib)
+        return out / weights.sum(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor, beta: float | None = None) -> dict[str, Any]:
+        beta = self.beta if beta is None else beta
+        h = self.shared(x)
+        fine_probs, coarse_probs = self.coarse_forward(h)
+        if self.training or beta is None:
+            weights = coarse_probs
+            probs = self._all_components(h, weights)
+            run = torch.full((x.shape[0],), self.num_coarse, dtype=torch.long, device=x.device)
+        else:
+            weights = self.conditional_weights(coarse_probs, beta)
+            probs = self._routed_components(h, weights)
+            run = (weights > 0).sum(dim=1)
+        return {
+            "logits": probs.clamp_min(LOG_CLAMP).log(),
+            "probs": probs,
+            "coarse_probs": coarse_probs,
+            "fine_probs_coarse": fine_probs,
+            "heads": {"coarse_component": fine_probs.clamp_min(LOG_CLAMP).log()},
+            "components_run": run,
+        }
+
+    # ---- fine components one at a time (pretraining, SPEC 2.3 step 2) -----------------------------
+    def fine_component_net(self, k: int) -> nn.Module:
+        """A copy of the shared layers (frozen, eval mode) + an independent copy of F_k: |S_k| logits."""
+        return FineComponentNet(copy.deepcopy(self.shared), self.fine.component(k), len(self.partial_sets[k]))
+
+    def load_fine_component(self, k: int, net: nn.Module) -> None:
+        """Copy a (pre)trained :meth:`fine_component_net` back into slot k."""
+        self.fine.load_component(k, net.component if isinstance(net, FineComponentNet) else net)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"partial_sets": self.partial_sets, "branch_stage": self.branch_stage}
+
+    def extra_repr(self) -> str:
+        sizes = [len(s) for s in self.partial_sets]
+        return f"branch_stage={self.branch_stage!r}, K={self.num_coarse}, |S_k|={sizes}, beta={self.beta}"
+
+
+class FineComponentNet(nn.Module):
+    """Shared layers (frozen: no gradient, always eval mode) followed by one fine component.
+
+    Outputs logits over the |S_k| local classes (the padding outputs are cut off).
+    """
+
+    def __init__(self, shared: nn.Module, component: nn.Module, num_local: int) -> None:
+        super().__init__()
+        self.shared = shared
+        self.component = component
+        self.num_local = num_local
+        for p in self.shared.parameters():
+            p.requires_grad_(False)
+        self.shared.eval()
+
+    def train(self, mode: bool = True) -> FineComponentNet:
+        super().train(mode)
+        self.shared.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return self.component.parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            h = self.shared(x)
+        return self.component(h)[:, : self.num_local]

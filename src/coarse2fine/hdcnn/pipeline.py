@@ -1,0 +1,610 @@
+"""HD-CNN staged training and evaluation (SPEC 2.1, 2.3, 2.4), every stage checkpointed.
+
+Stages, each under ``runs/<name>/`` and skipped when its output exists (``resume=True``):
+
+1. ``block.pt`` — the building block, trained with ``engine.fit`` in ``block/`` (best epoch on the
+   validation split), or reused from ``hdcnn.block_checkpoint``;
+2. ``hierarchy.json`` + ``hierarchy.png`` — learnt from the block's softmax on the held-out
+   validation split (the test split never chooses anything);
+3. ``fine/component_<k>.pt`` — each fine component F_k pretrained on the images whose label is in
+   S_k (local labels), shared layers frozen, one after another (``fine/k<k>/``);
+4. ``hdcnn_init.pt`` (assembled, before fine-tuning) and ``hdcnn.pt`` — global fine-tuning with the
+   consistency loss in ``finetune/`` (lr ``hdcnn.finetune_lr`` or ``optim.lr / 10``);
+5. ``hdcnn_report.json`` + ``beta_tradeoff.png`` — evaluation on the test split (recomputed each run).
+
+An interrupted stage resumes from its ``checkpoints/last.pt``. Stage outputs are written atomically,
+so a crash never leaves a half-written one that a later run would skip to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from coarse2fine.config import RunConfig, to_dict
+from coarse2fine.data.base import DatasetView, subset
+from coarse2fine.engine.checkpoint import (
+    atomic_write_json,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+)
+from coarse2fine.engine.evaluate import evaluate, predict_proba, resolve_device
+from coarse2fine.engine.objective import CrossEntropyObjective
+from coarse2fine.engine.trainer import fit
+from coarse2fine.errors import CheckpointError, ConfigError, HierarchyError
+from coarse2fine.hdcnn.evaluation import inference_pass, peak_memory_bytes, plot_tradeoff
+from coarse2fine.hdcnn.model import HDCNN
+from coarse2fine.hdcnn.objective import HDCNNObjective
+from coarse2fine.hierarchy import (
+    Hierarchy,
+    coarse_targets,
+    compare_to_reference,
+    confusion_matrix,
+    learn_hierarchy,
+    load_reference,
+    mistake_severity,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---- paths --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePaths:
+    """Where every stage's output lives under the run directory."""
+
+    run_dir: Path
+
+    @property
+    def block(self) -> Path:
+        return self.run_dir / "block.pt"
+
+    @property
+    def hierarchy(self) -> Path:
+        return self.run_dir / "hierarchy.json"
+
+    @property
+    def hierarchy_png(self) -> Path:
+        return self.run_dir / "hierarchy.png"
+
+    def fine(self, k: int) -> Path:
+        return self.run_dir / "fine" / f"component_{k}.pt"
+
+    @property
+    def init(self) -> Path:
+        return self.run_dir / "hdcnn_init.pt"
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "hdcnn.pt"
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / "hdcnn_report.json"
+
+    @property
+    def tradeoff_png(self) -> Path:
+        return self.run_dir / "beta_tradeoff.png"
+
+
+# ---- model construction -------------------------------------------------------------------------
+
+
+def _in_chans(bundle: Any) -> int:
+    return int(getattr(bundle.train, "num_channels", 3))
+
+
+def _create_block(cfg: RunConfig, num_classes: int, in_chans: int, name: str | None = None) -> nn.Module:
+    from coarse2fine.models import create_model
+
+    return create_model(
+        name or cfg.model.name, num_classes=num_classes, in_chans=in_chans, **cfg.model.kwargs
+    )
+
+
+def hdcnn_metadata(cfg: RunConfig, h: Hierarchy, in_chans: int) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the HD-CNN (JSON-able)."""
+    return {
+        "method": "hdcnn",
+        "hierarchy": h.to_dict(),
+        "branch_stage": cfg.hdcnn.branch_stage,
+        "block": cfg.model.name,
+        "in_chans": in_chans,
+    }
+
+
+def build_hdcnn_from_metadata(cfg: RunConfig, classes: Sequence[str], metadata: dict[str, Any]) -> HDCNN:
+    """An untrained HD-CNN with the architecture recorded in a checkpoint's ``metadata``.
+
+    Used by ``build.build_model`` for ``method: hdcnn``; load the checkpoint's state dict into it.
+    """
+    if not isinstance(metadata, dict) or "hierarchy" not in metadata:
+        raise CheckpointError(
+            "HD-CNN checkpoint metadata has no 'hierarchy'; was it written by c2f hdcnn fit?"
+        )
+    h = Hierarchy.from_dict(metadata["hierarchy"], source="checkpoint metadata")
+    h.validate(classes)
+    in_chans = int(metadata.get("in_chans", 3))
+    block = _create_block(cfg, len(classes), in_chans, metadata.get("block"))
+    return HDCNN(
+        block,
+        h.partial_sets,
+        metadata.get("branch_stage", cfg.hdcnn.branch_stage),
+        class_names=h.class_names,
+        beta=cfg.hdcnn.beta,
+        fine_exec=cfg.hdcnn.fine_exec,
+    )
+
+
+def hdcnn_param_groups(model: HDCNN) -> list[dict[str, Any]]:
+    """Optimizer groups: weight decay on weights only, also for the stacked fine components.
+
+    The engine's default puts 1-D parameters (norm weights, biases) in the no-decay group; a stacked
+    fine component's biases are 2-D ``(K, n)``, so they are grouped by their per-component rank here.
+    """
+    stacked, _ = model.fine.stacked()
+    rank = {id(getattr(model.fine, name.replace(".", "__"))): p.dim() - 1 for name, p in stacked.items()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if rank.get(id(p), p.dim()) > 1 else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- data helpers --------------------------------------------------------------------------------
+
+
+class LocalLabelView(DatasetView):
+    """The images of ``base`` whose label is in ``members``, relabelled 0..|S_k|-1 (SPEC 2.3 step 2)."""
+
+    def __init__(self, base: Any, members: Sequence[int]) -> None:
+        targets = np.asarray(base.targets)
+        idx = np.flatnonzero(np.isin(targets, members))
+        view = subset(base, idx)
+        super().__init__(view.base, view.indices)
+        remap = np.full(len(base.classes), -1, dtype=np.int64)
+        remap[np.asarray(members)] = np.arange(len(members))
+        self.remap = remap
+        self.targets = remap[np.asarray(self.targets)]
+        self.classes = [base.classes[j] for j in members]
+
+    def __getitem__(self, index: int) -> Any:
+        item = super().__getitem__(index)
+        if isinstance(item, tuple):
+            return item[0], int(self.remap[item[1]])
+        return item
+
+
+def _local_bundle(bundle: Any, members: Sequence[int]) -> Any:
+    train, val = LocalLabelView(bundle.train, members), LocalLabelView(bundle.val, members)
+    return dataclasses.replace(bundle, train=train, val=val, test=val, classes=list(train.classes))
+
+
+def _class_counts(dataset: Any, num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(dataset.targets, dtype=np.int64), minlength=num_classes)
+
+
+# ---- stages ----------------------------------------------------------------------------------------
+
+
+def _stage_cfg(cfg: RunConfig, *, epochs: int, lr: float | None = None) -> RunConfig:
+    train = dataclasses.replace(cfg.train, epochs=epochs)
+    optim = dataclasses.replace(cfg.optim, lr=cfg.optim.lr if lr is None else lr)
+    return dataclasses.replace(cfg, train=train, optim=optim)
+
+
+def _fit_stage(
+    cfg: RunConfig,
+    model: nn.Module,
+    objective: Any,
+    loaders: Any,
+    run_dir: Path,
+    classes: Sequence[str],
+    metadata: dict[str, Any],
+    *,
+    resume: bool,
+    progress: bool,
+    desc: str,
+    param_groups: Any = None,
+) -> dict[str, Any]:
+    """``engine.fit`` one stage, then load its best (validation) weights; returns the best checkpoint."""
+    result = fit(
+        model,
+        objective,
+        loaders.train,
+        loaders.val,
+        train_cfg=cfg.train,
+        optim_cfg=cfg.optim,
+        schedule_cfg=cfg.schedule,
+        run_dir=run_dir,
+        config_dict=to_dict(cfg),
+        classes=classes,
+        metadata=metadata,
+        resume=resume,
+        overwrite=not resume,
+        param_groups=param_groups,
+        progress=progress,
+        desc=desc,
+        resume_hint="run the same command again (c2f hdcnn fit resumes unfinished stages)",
+    )
+    best = result.best_checkpoint if result.best_checkpoint.is_file() else result.last_checkpoint
+    ckpt = load_checkpoint(best)
+    model.load_state_dict(ckpt["model"])
+    return ckpt
+
+
+def _final_checkpoint(
+    model: nn.Module, cfg: RunConfig, classes: Sequence[str], metadata: dict, **extra: Any
+) -> dict:
+    return {
+        "model": model.state_dict(),
+        "config": to_dict(cfg),
+        "classes": list(classes),
+        "metadata": metadata,
+        **extra,
+    }
+
+
+def stage_block(
+    cfg: RunConfig, bundle: Any, loaders: Any, paths: StagePaths, *, resume: bool, progress: bool
+) -> tuple[nn.Module, str]:
+    """Stage 1: the trained building block (weights loaded) and where it came from."""
+    classes = list(bundle.classes)
+    block = _create_block(cfg, len(classes), _in_chans(bundle))
+    source = cfg.hdcnn.block_checkpoint or (str(paths.block) if resume and paths.block.is_file() else None)
+    if source is not None:
+        ckpt = load_checkpoint(source)
+        check_compatible(ckpt, classes, block, source)
+        block.load_state_dict(ckpt["model"])
+        log.info("HD-CNN stage 1: building block from %s", source)
+        return block, source
+    epochs = cfg.hdcnn.block_epochs or cfg.train.epochs
+    bcfg = _stage_cfg(cfg, epochs=epochs)
+    ckpt = _fit_stage(
+        bcfg,
+        block,
+        CrossEntropyObjective(cfg.train.label_smoothing),
+        loaders,
+        paths.run_dir / "block",
+        classes,
+        {"method": "plain", "stage": "block"},
+        resume=resume,
+        progress=progress,
+        desc="block",
+    )
+    save_checkpoint(
+        _final_checkpoint(block, bcfg, classes, {"stage": "block"}, epoch=ckpt.get("epoch")), paths.block
+    )
+    return block, str(paths.block)
+
+
+def stage_hierarchy(
+    cfg: RunConfig,
+    block: nn.Module,
+    bundle: Any,
+    loaders: Any,
+    paths: StagePaths,
+    *,
+    resume: bool,
+    progress: bool,
+) -> Hierarchy:
+    """Stage 2: the hierarchy from the block's held-out (validation) probabilities (SPEC 2.1)."""
+    classes = list(bundle.classes)
+    if resume and paths.hierarchy.is_file():
+        h = Hierarchy.load(paths.hierarchy, classes)
+    else:
+        probs, targets = predict_proba(
+            block,
+            loaders.val,
+            device=cfg.train.device,
+            amp=cfg.train.amp,
+            progress=progress,
+            desc="held-out probabilities",
+        )
+        h = learn_hierarchy(
+            probs,
+            targets,
+            classes,
+            cfg.hdcnn.num_coarse,
+            method=cfg.hdcnn.clustering,
+            gamma=cfg.hdcnn.gamma,
+            max_partial_size=cfg.hdcnn.max_partial_size,
+            seed=cfg.seed,
+        )
+        from coarse2fine.hierarchy import plot_hierarchy
+
+        plot_hierarchy(
+            h,
+            confusion_matrix(probs, targets, len(classes)),
+            paths.hierarchy_png,
+            title=f"{cfg.name}: learnt hierarchy (K={h.num_coarse})",
+        )
+        h.save(paths.hierarchy)
+    if h.num_coarse > len(classes):
+        raise HierarchyError(f"K={h.num_coarse} coarse categories exceeds the {len(classes)} classes")
+    return h
+
+
+def stage_fine_components(
+    cfg: RunConfig,
+    model: HDCNN,
+    bundle: Any,
+    paths: StagePaths,
+    metadata: dict,
+    *,
+    resume: bool,
+    progress: bool,
+) -> None:
+    """Stage 3: pretrain each F_k alone on its partial set, shared layers frozen (SPEC 2.3 step 2)."""
+    from coarse2fine.build import build_loaders
+
+    lr = cfg.hdcnn.fine_lr if cfg.hdcnn.fine_lr is not None else cfg.optim.lr
+    fcfg = _stage_cfg(cfg, epochs=cfg.hdcnn.fine_epochs, lr=lr)
+    for k, members in enumerate(model.partial_sets):
+        out = paths.fine(k)
+        net = model.fine_component_net(k)
+        if resume and out.is_file():
+            ckpt = load_checkpoint(out)
+            net.component.load_state_dict(ckpt["model"])
+        elif cfg.hdcnn.fine_epochs > 0:
+            local = _local_bundle(bundle, members)
+            loaders = build_loaders(fcfg, local)
+            meta = {**metadata, "stage": "fine", "component": k, "partial_set": list(members)}
+            _fit_stage(
+                fcfg,
+                net,
+                CrossEntropyObjective(cfg.train.label_smoothing),
+                loaders,
+                paths.run_dir / "fine" / f"k{k}",
+                local.classes,
+                meta,
+                resume=resume,
+                progress=progress,
+                desc=f"fine component {k + 1}/{model.num_coarse}",
+            )
+            save_checkpoint(_final_checkpoint(net.component, fcfg, local.classes, meta), out)
+        model.load_fine_component(k, net)
+
+
+def stage_finetune(
+    cfg: RunConfig,
+    model: HDCNN,
+    bundle: Any,
+    loaders: Any,
+    paths: StagePaths,
+    metadata: dict,
+    t: np.ndarray,
+    *,
+    resume: bool,
+    progress: bool,
+) -> None:
+    """Stage 4: global fine-tuning with the consistency term (SPEC 2.3 step 3)."""
+    classes = list(bundle.classes)
+    if resume and paths.final.is_file():
+        ckpt = load_checkpoint(paths.final)
+        check_compatible(ckpt, classes, model, paths.final)
+        model.load_state_dict(ckpt["model"])
+        return
+    lr = cfg.hdcnn.finetune_lr if cfg.hdcnn.finetune_lr is not None else cfg.optim.lr / 10
+    tcfg = _stage_cfg(cfg, epochs=cfg.hdcnn.finetune_epochs, lr=lr)
+    if cfg.hdcnn.finetune_epochs > 0:
+        objective = HDCNNObjective(t, cfg.hdcnn.consistency_weight)
+        _fit_stage(
+            tcfg,
+            model,
+            objective,
+            loaders,
+            paths.run_dir / "finetune",
+            classes,
+            metadata,
+            resume=resume,
+            progress=progress,
+            desc="fine-tune",
+            param_groups=hdcnn_param_groups(model),
+        )
+    save_checkpoint(_final_checkpoint(model, tcfg, classes, metadata), paths.final)
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def evaluate_hdcnn(
+    cfg: RunConfig,
+    model: HDCNN,
+    h: Hierarchy,
+    test_loader: Any,
+    *,
+    block: nn.Module | None = None,
+    initial: HDCNN | None = None,
+    reference: dict[str, list[str]] | None = None,
+    betas: Sequence[float] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Test-split metrics of SPEC 2.4: accuracy, coarse accuracy, severity, cost, beta sweep."""
+    device = resolve_device(cfg.train.device)
+    num_classes = len(h.class_names)
+    model.to(device)
+    amp = cfg.train.amp
+    full = evaluate(
+        model,
+        test_loader,
+        num_classes=num_classes,
+        device=device,
+        amp=amp,
+        progress=progress,
+        desc="test HD-CNN",
+    )
+    report: dict[str, Any] = {"hdcnn": full.to_dict(h.class_names)}
+    base = inference_pass(model, test_loader, device=device, beta=None, amp=amp)
+    coarse_of = np.asarray(h.coarse_of)
+    report["coarse"] = {
+        "coarse_component_accuracy": float((base.coarse_pred == coarse_of[base.target]).mean()),
+        **{f"learnt_{k}": v for k, v in mistake_severity(base.pred, base.target, h).items()},
+    }
+    if reference:
+        report["reference"] = {
+            "hierarchy_vs_reference": compare_to_reference(h, reference),
+            "severity": mistake_severity(base.pred, base.target, reference, class_names=h.class_names),
+        }
+    sweep = []
+    for beta in [None, *sorted(betas or [])]:
+        res = base if beta is None else inference_pass(model, test_loader, device=device, beta=beta, amp=amp)
+        sweep.append(
+            {
+                "beta": beta,
+                "top1": res.top1,
+                "top5": res.top5,
+                "components_run": res.components_run,
+                "ms_per_image": res.ms_per_image,
+            }
+        )
+    report["beta_sweep"] = sweep
+    images = next(iter(test_loader))[0].to(device)
+    report["cost"] = {
+        "batch_size": int(images.shape[0]),
+        "hdcnn_parameters": _param_count(model),
+        "shared_parameters": _param_count(model.shared),
+        "coarse_component_parameters": _param_count(model.coarse),
+        "fine_component_parameters": _param_count(model.fine),
+        "hdcnn_peak_bytes": peak_memory_bytes(model, images),
+        "hdcnn_ms_per_image": base.ms_per_image,
+        "memory_measure": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "torch.profiler CPU allocations",
+    }
+    if cfg.hdcnn.beta is not None:
+        report["cost"]["hdcnn_conditional_peak_bytes"] = peak_memory_bytes(model, images, beta=cfg.hdcnn.beta)
+    if block is not None:
+        block.to(device)
+        bres = evaluate(
+            block, test_loader, num_classes=num_classes, device=device, amp=amp, desc="test block"
+        )
+        bpass = inference_pass(block, test_loader, device=device, amp=amp)
+        report["block"] = bres.to_dict(h.class_names)
+        report["block"]["severity_learnt"] = mistake_severity(bpass.pred, bpass.target, h)
+        if reference:
+            report["block"]["severity_reference"] = mistake_severity(
+                bpass.pred, bpass.target, reference, class_names=h.class_names
+            )
+        report["cost"].update(
+            block_parameters=_param_count(block),
+            block_peak_bytes=peak_memory_bytes(block, images),
+            block_ms_per_image=bpass.ms_per_image,
+        )
+    if initial is not None:
+        initial.to(device)
+        ires = evaluate(
+            initial,
+            test_loader,
+            num_classes=num_classes,
+            device=device,
+            amp=amp,
+            desc="test HD-CNN (no fine-tuning)",
+        )
+        report["hdcnn_no_finetune"] = ires.to_dict(h.class_names)
+    return report
+
+
+def reference_taxonomy(cfg: RunConfig, dataset: Any) -> dict[str, list[str]] | None:
+    """``hdcnn.reference_hierarchy`` (JSON file) or else the dataset's own (CIFAR-100 superclasses)."""
+    if cfg.hdcnn.reference_hierarchy:
+        return load_reference(cfg.hdcnn.reference_hierarchy)
+    return getattr(dataset, "reference_hierarchy", None)
+
+
+# ---- the whole pipeline -----------------------------------------------------------------------------
+
+
+def _check_cfg(cfg: RunConfig) -> None:
+    hc = cfg.hdcnn
+    if hc.num_coarse < 1:
+        raise ConfigError(f"hdcnn.num_coarse must be >= 1, got {hc.num_coarse}")
+    for key in ("fine_epochs", "finetune_epochs"):
+        if getattr(hc, key) < 0:
+            raise ConfigError(f"hdcnn.{key} must be >= 0, got {getattr(hc, key)}")
+    if hc.beta is not None and hc.beta <= 0:
+        raise ConfigError(f"hdcnn.beta must be > 0, got {hc.beta}")
+    if any(b <= 0 for b in hc.beta_sweep):
+        raise ConfigError(f"hdcnn.beta_sweep values must be > 0, got {hc.beta_sweep}")
+
+
+def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train (stages 1-4, resumable) and evaluate an HD-CNN; returns (and saves) the report."""
+    from coarse2fine.build import build_datasets, build_loaders
+
+    _check_cfg(cfg)
+    start = time.perf_counter()
+    paths = StagePaths(cfg.run_dir)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    bundle = build_datasets(cfg)
+    if cfg.hdcnn.num_coarse > len(bundle.classes):
+        raise ConfigError(
+            f"hdcnn.num_coarse={cfg.hdcnn.num_coarse} exceeds the {len(bundle.classes)} classes"
+        )
+    loaders = build_loaders(cfg, bundle)
+    classes = list(bundle.classes)
+
+    block, block_source = stage_block(cfg, bundle, loaders, paths, resume=resume, progress=progress)
+    h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=resume, progress=progress)
+    in_chans = _in_chans(bundle)
+    metadata = hdcnn_metadata(cfg, h, in_chans)
+    torch.manual_seed(cfg.seed)
+    model = HDCNN(
+        block,
+        h.partial_sets,
+        cfg.hdcnn.branch_stage,
+        class_names=classes,
+        fine_exec=cfg.hdcnn.fine_exec,
+        fine_head_init=cfg.hdcnn.fine_head_init,
+    )
+    stage_fine_components(cfg, model, bundle, paths, metadata, resume=resume, progress=progress)
+    if not (resume and paths.init.is_file()):
+        save_checkpoint(_final_checkpoint(model, cfg, classes, metadata), paths.init)
+    initial = build_hdcnn_from_metadata(cfg, classes, metadata)
+    initial.load_state_dict(load_checkpoint(paths.init)["model"])
+    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)))
+    stage_finetune(cfg, model, bundle, loaders, paths, metadata, t, resume=resume, progress=progress)
+
+    reference = reference_taxonomy(cfg, bundle.test)
+    model.beta = cfg.hdcnn.beta
+    report = evaluate_hdcnn(
+        cfg,
+        model,
+        h,
+        loaders.test,
+        block=block,
+        initial=initial,
+        reference=reference,
+        betas=cfg.hdcnn.beta_sweep,
+        progress=progress,
+    )
+    report.update(
+        name=cfg.name,
+        classes=classes,
+        groups=h.groups(),
+        partial_sets=h.partial_groups(),
+        coarse_names=h.coarse_names,
+        coarse_targets=[float(v) for v in t],
+        block_source=block_source,
+        checkpoint=str(paths.final),
+        pipeline_seconds=time.perf_counter() - start,
+    )
+    plot_tradeoff(report["beta_sweep"], paths.tradeoff_png, title=f"{cfg.name}: conditional execution")
+    atomic_write_json(paths.report, report)
+    return report

@@ -1,0 +1,120 @@
+"""One run end to end: build from the config, train, pick ``best`` on validation, evaluate on test.
+
+Used by ``c2f train``, ``make demo``, the benchmarks and HD-CNN's building-block stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coarse2fine import build as B
+from coarse2fine.config import RunConfig, to_dict
+from coarse2fine.engine import EvalResult, evaluate, fit, save_eval_artifacts
+from coarse2fine.engine import distributed as du
+from coarse2fine.engine.checkpoint import atomic_write_json
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    classes: list[str]
+    best_epoch: int
+    best_val_top1: float
+    test: EvalResult | None
+    train_seconds: float
+    history: list[dict[str, Any]]
+    skipped_images: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "best_epoch": self.best_epoch,
+            "best_val_top1": self.best_val_top1,
+            "train_seconds": self.train_seconds,
+        }
+        if self.test is not None:
+            out.update(test_top1=self.test.top1, test_top5=self.test.top5, test_heads=self.test.heads)
+        return out
+
+
+def _skipped(*datasets: Any) -> list[str]:
+    out: list[str] = []
+    for ds in datasets:
+        for item in getattr(ds, "skipped", None) or []:
+            out.append(str(getattr(item, "path", item)))
+    return out
+
+
+def apply_threads(cfg: RunConfig) -> None:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def train_run(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    evaluate_test: bool = True,
+    resume_hint: str | None = None,
+) -> RunReport:
+    """Train ``cfg`` (on every process of a torchrun launch) and evaluate ``best`` on the test split."""
+    apply_threads(cfg)
+    info = du.init_distributed()
+    bundle = B.build_datasets(cfg)
+    loaders = B.build_loaders(cfg, bundle, rank=info.rank, world_size=info.world_size)
+    metadata = bundle.metadata()
+    model, objective = B.build_model_and_objective(cfg, len(bundle.classes), metadata)
+    run_dir = cfg.run_dir
+    result = fit(
+        model,
+        objective,
+        loaders.train,
+        loaders.val,
+        train_cfg=cfg.train,
+        optim_cfg=cfg.optim,
+        schedule_cfg=cfg.schedule,
+        run_dir=run_dir,
+        config_dict=to_dict(cfg),
+        classes=bundle.classes,
+        metadata=metadata,
+        resume=resume,
+        progress=progress,
+        seed=cfg.seed,
+        overwrite=overwrite,
+        resume_hint=resume_hint,
+    )
+    test_result = None
+    if evaluate_test:
+        best = B.load_trained(result.best_checkpoint, classes=bundle.classes)
+        test_result = evaluate(
+            best.model,
+            loaders.test,
+            num_classes=len(bundle.classes),
+            device=cfg.train.device if cfg.train.device != "auto" else None,
+            amp=cfg.train.amp,
+            channels_last=cfg.train.channels_last,
+            progress=progress and du.is_main_process(),
+            desc="test",
+        )
+        if du.is_main_process():
+            save_eval_artifacts(test_result, run_dir, bundle.classes, prefix="test")
+    train_seconds = float(sum(r.get("seconds", 0.0) for r in result.history))
+    report = RunReport(
+        run_dir=Path(run_dir),
+        classes=bundle.classes,
+        best_epoch=result.best_epoch,
+        best_val_top1=result.best_val_top1,
+        test=test_result,
+        train_seconds=train_seconds,
+        history=result.history,
+        skipped_images=_skipped(bundle.train, bundle.val, bundle.test),
+    )
+    if du.is_main_process():
+        atomic_write_json(Path(run_dir) / "report.json", report.summary())
+    return report

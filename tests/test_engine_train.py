@@ -1,0 +1,206 @@
+"""engine.fit: learning, resume, faults (signals, SIGKILL, NaN, failing saves), accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_engine_helpers import CLASSES, comparable, configs, make_loaders, make_model, run
+
+from coarse2fine.engine import (
+    CrossEntropyObjective,
+    NonFiniteLossError,
+    Objective,
+    evaluate,
+    fit,
+    load_checkpoint,
+)
+from coarse2fine.engine import checkpoint as ckpt_mod
+from coarse2fine.errors import CheckpointError
+
+HELPERS = Path(__file__).with_name("test_engine_helpers.py")
+STEPS_PER_EPOCH = 8  # 256 training samples / batch 32
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted 3-epoch run."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    model, result = run(run_dir, epochs=EPOCHS)
+    return {"state": model.state_dict(), "history": comparable(result.history), "result": result}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
+
+
+def worker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(HELPERS), *args], capture_output=True, text=True, env=full_env,
+                          timeout=120)
+
+
+def test_fit_learns_separable_problem(reference: dict[str, Any]) -> None:
+    result = reference["result"]
+    _, val = make_loaders()
+    untrained = evaluate(make_model(), val, num_classes=len(CLASSES), device="cpu")
+    final = result.history[-1]["val_top1"]
+    assert final >= 0.9 and final > untrained.top1 + 0.4, (untrained.top1, final)
+    assert result.best_val_top1 == max(r["val_top1"] for r in result.history)
+    assert result.history[result.best_epoch - 1]["val_top1"] == result.best_val_top1
+    run_dir = result.paths["run_dir"]
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for col in ("epoch", "lr", "train_loss", "train_ce", "train_top1", "val_top1", "val_top5", "seconds",
+                "images_per_s", "skipped_steps"):
+        assert col in header
+    assert len(rows) == 1 + EPOCHS
+    last = load_checkpoint(result.paths["last"])
+    best = load_checkpoint(result.paths["best"])
+    assert last["epoch"] == EPOCHS and best["epoch"] == result.best_epoch
+    assert last["classes"] == CLASSES and last["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*.pt")) == [
+        f"epoch_{e:03d}.pt" for e in range(1, EPOCHS + 1)
+    ]
+    assert any((run_dir / "tb").iterdir())
+
+
+def test_dict_outputs_report_head_accuracy(tmp_path: Path) -> None:
+    model = make_model(heads=True)
+    tr, va = make_loaders()
+    tcfg, ocfg, scfg = configs(epochs=1, keep_checkpoints=0)
+    result = fit(model, CrossEntropyObjective(), tr, va, train_cfg=tcfg, optim_cfg=ocfg, schedule_cfg=scfg,
+                 run_dir=tmp_path, config_dict={}, classes=CLASSES, progress=False)
+    assert "val_aux_top1" in result.history[0]
+    assert not list((tmp_path / "checkpoints").glob("epoch_*.pt"))
+
+
+def test_resume_after_crash_in_epoch_k_matches_uninterrupted(tmp_path: Path, reference: dict[str, Any]) -> None:
+    def crash(i: int) -> None:
+        if i == 2 * STEPS_PER_EPOCH + 1:  # second batch of epoch 3
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, epochs=EPOCHS, on_batch=crash)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
+    model, result = run(tmp_path, epochs=EPOCHS, resume=True)
+    assert_same_weights(model.state_dict(), reference["state"])
+    assert comparable(result.history) == reference["history"]
+
+
+def test_resume_with_more_epochs_continues(tmp_path: Path) -> None:
+    run(tmp_path, epochs=1)
+    _, result = run(tmp_path, epochs=2, resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["global_step"] == 2 * STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("window", [(0, STEPS_PER_EPOCH), (STEPS_PER_EPOCH, EPOCHS * STEPS_PER_EPOCH)])
+def test_sigkill_at_random_step_then_resume_matches(
+    tmp_path: Path, reference: dict[str, Any], window: tuple[int, int]
+) -> None:
+    step = random.Random(f"sigkill{window}").randrange(*window)
+    proc = worker("--run-dir", str(tmp_path), "--epochs", str(EPOCHS), "--signal-at", str(step))
+    assert proc.returncode == -signal.SIGKILL, (step, proc.stderr[-2000:])
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == step // STEPS_PER_EPOCH
+    model, result = run(tmp_path, epochs=EPOCHS, resume=True)
+    assert_same_weights(model.state_dict(), reference["state"])
+    assert comparable(result.history) == reference["history"], f"killed at batch {step}"
+
+
+def test_sigterm_writes_checkpoint_and_exits_with_resume_message(tmp_path: Path, reference: dict[str, Any]) -> None:
+    step = STEPS_PER_EPOCH + 3  # during epoch 2
+    proc = worker("--run-dir", str(tmp_path), "--epochs", str(EPOCHS), "--signal-at", str(step),
+                  "--signal", "SIGTERM")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "SIGTERM" in proc.stderr and "resume" in proc.stderr and "Traceback" not in proc.stderr
+    marker = json.loads((tmp_path / "checkpoints" / "interrupted.json").read_text())
+    assert marker["signal"] == "SIGTERM" and marker["last_completed_epoch"] == 1
+    assert marker["interrupted_in_epoch"] == 2
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    model, _ = run(tmp_path, epochs=EPOCHS, resume=True)
+    assert not (tmp_path / "checkpoints" / "interrupted.json").exists()
+    assert_same_weights(model.state_dict(), reference["state"])
+
+
+class NaNAt(Objective):
+    """Cross-entropy whose ``at``-th call (0-based) returns NaN."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.ce, self.at, self.calls = CrossEntropyObjective(), at, 0
+
+    def forward(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = self.ce(outputs, targets)
+        if self.calls == self.at:
+            terms["loss"] = terms["loss"] * float("nan")
+        self.calls += 1
+        return terms
+
+
+def _fit_nan(run_dir: Path, policy: str, at: int) -> Any:
+    model = make_model()
+    tr, va = make_loaders()
+    tcfg, ocfg, scfg = configs(epochs=EPOCHS, nan_policy=policy)
+    result = fit(model, NaNAt(at), tr, va, train_cfg=tcfg, optim_cfg=ocfg, schedule_cfg=scfg, run_dir=run_dir,
+                 config_dict={}, classes=CLASSES, progress=False)
+    return model, result
+
+
+def test_nan_loss_stop_names_step_and_keeps_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3 of 8"):
+        _fit_nan(tmp_path, "stop", at=STEPS_PER_EPOCH + 2)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert last["epoch"] == 1 and best["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_nan_loss_skip_continues_and_counts(tmp_path: Path) -> None:
+    model, result = _fit_nan(tmp_path, "skip", at=STEPS_PER_EPOCH + 2)
+    assert [r["skipped_steps"] for r in result.history] == [0, 1, 0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.history[-1]["val_top1"] >= 0.9
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["global_step"] == EPOCHS * STEPS_PER_EPOCH - 1
+
+
+def test_failing_save_during_fit_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = ckpt_mod._torch_write
+    calls = {"n": 0}
+
+    def flaky(obj: Any, f: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:  # initial save, epoch 1, then epoch 2 fails half-way
+            f.write(b"PK\x03\x04 partial")
+            raise OSError(28, "No space left on device")
+        real(obj, f)
+
+    monkeypatch.setattr(ckpt_mod, "_torch_write", flaky)
+    with pytest.raises(CheckpointError, match="No space left"):
+        run(tmp_path, epochs=EPOCHS)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_fresh_run_refuses_to_overwrite_existing_run(tmp_path: Path) -> None:
+    run(tmp_path, epochs=1)
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="already exists"):
+        run(tmp_path, epochs=1)
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_gradient_accumulation_matches_larger_batch(tmp_path: Path, reference: dict[str, Any]) -> None:
+    model, _ = run(tmp_path, epochs=EPOCHS, batch_size=16, accumulate=2)
+    assert_same_weights(model.state_dict(), reference["state"], atol=1e-5)

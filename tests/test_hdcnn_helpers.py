@@ -1,0 +1,36 @@
+"""Tiny stand-in building block for the HD-CNN tests (a real ``Backbone`` subclass)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from coarse2fine.models.base import Backbone, StageInfo
+
+
+class TinyBlock(Backbone):
+    """conv-BN-ReLU-pool | conv-BN-ReLU | avg-pool, dropout, Linear: 3 modules, 2 split points."""
+
+    def __init__(self, num_classes: int = 6, in_chans: int = 1, width: int = 8) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.default_input_size = (in_chans, 8, 8)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(width, num_classes)
+        )
+        self.feature_info = [StageInfo("stage1", width, 2, "stem"), StageInfo("stage2", width, 2, "body")]
+
+    def sequence(self) -> list[tuple[str, nn.Module]]:
+        return [("stem", self.stem), ("body", self.body), ("head", self.head)]
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        s1 = self.stem(x)
+        return [s1, self.body(s1)]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head[-1] = nn.Linear(self.head[-1].in_features, num_classes)

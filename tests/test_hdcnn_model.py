@@ -1,0 +1,175 @@
+"""HD-CNN network: aggregation, averaging, batched vs looped components, conditional execution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coarse2fine.errors import HierarchyError, ModelError
+from coarse2fine.hdcnn.model import HDCNN, FineComponentNet, find_classifier, split_block
+from test_hdcnn_helpers import TinyBlock
+
+SETS = [[0, 1, 2], [2, 3], [3, 4, 5]]
+
+
+def make(
+    beta: float | None = None, fine_exec: str = "auto", sets=SETS, seed: int = 0, sharp: float = 1.0
+) -> HDCNN:
+    torch.manual_seed(seed)
+    model = HDCNN(TinyBlock(6), sets, "stage1", beta=beta, fine_exec=fine_exec)
+    # make the fine components differ from each other (they start as copies of one rear)
+    with torch.no_grad():
+        for p in model.fine.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        model.coarse.head[3].weight.mul_(sharp)  # a confident coarse component routes sparsely
+    return model
+
+
+def test_aggregation_and_averaging_sum_to_one_and_zero_outside_partial_sets() -> None:
+    model = make().eval()
+    x = torch.randn(5, 1, 8, 8)
+    out = model(x)
+    assert torch.allclose(out["probs"].sum(1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(out["coarse_probs"].sum(1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(out["logits"].exp(), out["probs"], atol=1e-6)
+    # aggregation by hand: B_ik = sum_{j in S_k} B^f_ij, L1-normalised
+    bf = out["fine_probs_coarse"]
+    agg = torch.stack([bf[:, s].sum(1) for s in SETS], 1)
+    assert torch.allclose(out["coarse_probs"], agg / agg.sum(1, keepdim=True), atol=1e-6)
+    # averaging by hand, one component at a time (classes outside S_k get 0)
+    h = model.shared(x)
+    expected = torch.zeros(5, 6)
+    for k, s in enumerate(SETS):
+        pk = F.softmax(model.fine.forward_one(k, h)[:, : len(s)], dim=1)
+        full = torch.zeros(5, 6)
+        full[:, s] = pk
+        assert torch.all(full[:, [j for j in range(6) if j not in s]] == 0)
+        expected += out["coarse_probs"][:, k : k + 1] * full
+    assert torch.allclose(out["probs"], expected, atol=1e-5)
+    assert out["components_run"].tolist() == [3] * 5
+
+
+def test_vmap_equals_loop_forward_and_gradients() -> None:
+    a, b = make(fine_exec="vmap"), make(fine_exec="loop")
+    b.load_state_dict(a.state_dict())
+    a.eval()
+    b.eval()
+    x = torch.randn(4, 1, 8, 8)
+    oa, ob = a(x), b(x)
+    assert torch.allclose(oa["probs"], ob["probs"], atol=1e-6)
+    oa["logits"][:, 0].sum().backward()
+    ob["logits"][:, 0].sum().backward()
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
+    # padding rows of the smaller components get no gradient
+    w = a.fine.stacked()[0]["head.3.weight"]
+    assert torch.all(w.grad[1, 2:] == 0)
+
+
+def test_training_mode_updates_each_component_batchnorm_stats() -> None:
+    model = make(fine_exec="vmap").train()
+    before = model.fine.stacked()[1]["body.1.running_mean"].clone()
+    model(torch.randn(4, 1, 8, 8))
+    after = model.fine.stacked()[1]["body.1.running_mean"]
+    assert not torch.allclose(before, after)
+    assert int(model.fine.stacked()[1]["body.1.num_batches_tracked"][0]) == 1
+
+
+def _count_calls(model: HDCNN) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    original = model.fine.forward_one
+
+    def counting(k: int, h: torch.Tensor) -> torch.Tensor:
+        counts[k] = counts.get(k, 0) + h.shape[0]
+        return original(k, h)
+
+    model.fine.forward_one = counting  # type: ignore[method-assign]
+    return counts
+
+
+def test_conditional_execution_skips_work_and_matches_per_image_reference() -> None:
+    model = make(beta=1.5, sharp=30.0).eval()
+    x = torch.randn(16, 1, 8, 8)
+    counts = _count_calls(model)
+    out = model(x)
+    coarse = out["coarse_probs"]
+    keep = (coarse >= 1 / (1.5 * 3)) | F.one_hot(coarse.argmax(1), 3).bool()
+    assert out["components_run"].tolist() == keep.sum(1).tolist()
+    assert sum(counts.values()) == int(keep.sum()) < 16 * 3  # really fewer samples routed
+    for k in range(3):
+        assert counts.get(k, 0) == int(keep[:, k].sum())
+    # per-image reference: each image alone through its kept components, renormalised
+    h = model.shared(x)
+    for i in range(16):
+        ref = torch.zeros(6)
+        for k in torch.nonzero(keep[i]).flatten().tolist():
+            pk = F.softmax(model.fine.forward_one(k, h[i : i + 1])[0, : len(SETS[k])], 0)
+            ref[SETS[k]] += coarse[i, k] * pk
+        ref /= coarse[i, keep[i]].sum()
+        assert torch.allclose(out["probs"][i], ref, atol=1e-5)
+    assert torch.allclose(out["probs"].sum(1), torch.ones(16), atol=1e-5)
+
+
+def test_large_beta_runs_everything_and_equals_full_model() -> None:
+    model = make().eval()
+    x = torch.randn(8, 1, 8, 8)
+    full = model(x)
+    cond = model(x, beta=1e9)
+    assert cond["components_run"].tolist() == [3] * 8
+    assert torch.allclose(full["probs"], cond["probs"], atol=1e-5)
+
+
+def test_training_mode_ignores_beta_and_runs_all() -> None:
+    model = make(beta=1.0).train()
+    out = model(torch.randn(4, 1, 8, 8))
+    assert out["components_run"].tolist() == [3] * 4
+
+
+def test_fine_component_net_roundtrip_and_frozen_shared() -> None:
+    model = make().eval()
+    net = model.fine_component_net(2)
+    assert isinstance(net, FineComponentNet)
+    assert all(not p.requires_grad for p in net.shared.parameters())
+    assert all(p.requires_grad for p in model.shared.parameters())  # the model's own stay trainable
+    x = torch.randn(3, 1, 8, 8)
+    net.eval()
+    assert net(x).shape == (3, 3)
+    with torch.no_grad():
+        for p in net.component.parameters():
+            p.add_(1.0)
+    net.train()
+    assert not net.shared.training  # frozen BN stays in eval mode
+    model.load_fine_component(2, net)
+    net.eval()
+    h = model.shared(x)
+    assert torch.allclose(model.fine.forward_one(2, h)[:, :3], net(x), atol=1e-5)
+
+
+def test_find_classifier_and_block_head_init() -> None:
+    name, layer = find_classifier(split_block(TinyBlock(6), "stage1")[1])
+    assert name == "head.3" and isinstance(layer, torch.nn.Linear)
+    torch.manual_seed(0)
+    block = TinyBlock(6)
+    model = HDCNN(block, SETS, "stage2", fine_head_init="block")
+    w = model.fine.stacked()[0]["head.3.weight"]
+    assert torch.equal(w[2, :3], block.head[3].weight[[3, 4, 5]])
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ModelError, match="stage1"):  # lists the stages
+        HDCNN(TinyBlock(6), SETS, "stage9")
+    with pytest.raises(HierarchyError, match="empty"):
+        HDCNN(TinyBlock(6), [[0, 1, 2], [], [3, 4, 5]], "stage1")
+    with pytest.raises(HierarchyError, match="3 classes"):
+        HDCNN(TinyBlock(6), SETS, "stage1", class_names=["a", "b", "c"])
+    with pytest.raises(HierarchyError, match="exceeds"):
+        HDCNN(TinyBlock(2), [[0], [1], [0, 1]], "stage1")
+    with pytest.raises(HierarchyError, match="no partial set"):
+        HDCNN(TinyBlock(6), [[0, 1], [2, 3]], "stage1")
+    with pytest.raises(HierarchyError, match="outside"):
+        HDCNN(TinyBlock(6), [[0, 1, 2], [3, 4, 5, 6]], "stage1")
+    with pytest.raises(HierarchyError, match="'zebra'"):
+        HDCNN(TinyBlock(3), [["a", "b"], ["zebra"]], "stage1", class_names=["a", "b", "c"])
+    with pytest.raises(ModelError, match="fine_exec"):
+        HDCNN(TinyBlock(6), SETS, "stage1", fine_exec="threads")

@@ -1,0 +1,73 @@
+"""``explain_image`` / ``load_image`` (HERBS pictures) and the ``c2f explain`` command line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from coarse2fine.config import HERBSConfig
+from coarse2fine.errors import DataError, ModelError
+from coarse2fine.herbs import build_herbs
+from coarse2fine.herbs.explain import class_activation, explain_image, load_image
+
+from test_herbs import NUM_CLASSES, TinyCNN, TinyTokens  # noqa: I001
+
+CLASSES = [f"class{i}" for i in range(NUM_CLASSES)]
+
+
+def _is_png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("make", [TinyCNN, TinyTokens], ids=["cnn", "tokens"])
+def test_explain_image_writes_png(tmp_path, make) -> None:
+    torch.manual_seed(0)
+    model, _ = build_herbs(make(), NUM_CLASSES, HERBSConfig(fpn_size=16), input_size=32)
+    image = torch.randn(model.input_size[0], 32, 32)
+    out = tmp_path / "sub" / "one.png"
+    top = explain_image(model, image, CLASSES, out)
+    assert _is_png(out)
+    assert model.training  # mode restored
+    model.eval()
+    assert [c for c, _ in top] == [CLASSES[i] for i in model(image[None])["logits"][0].topk(5).indices]
+    assert abs(sum(p for _, p in top) - 1.0) < 1e-4  # 5 classes: the top-5 hold everything
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_explain_bad_inputs(tmp_path) -> None:
+    model, _ = build_herbs(TinyCNN(), NUM_CLASSES, HERBSConfig(fpn_size=16), input_size=32)
+    with pytest.raises(ModelError, match="class names"):
+        explain_image(model, torch.randn(1, 32, 32), CLASSES[:3], tmp_path / "x.png")
+    with pytest.raises(DataError):
+        explain_image(model, torch.randn(2, 1, 32, 32), CLASSES, tmp_path / "x.png")
+    with pytest.raises(ModelError, match="HERBS"):
+        explain_image(TinyCNN(), torch.randn(1, 32, 32), CLASSES, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_class_activation_peaks_where_the_class_logit_is_high() -> None:
+    maps = torch.zeros(16, 3)
+    maps[5, 2] = 4.0  # token (1, 1) of a 4 x 4 grid
+    cam = class_activation([maps, torch.zeros(4, 3)], [(4, 4), None], 2, (16, 16))
+    assert cam.shape == (16, 16)
+    y, x = divmod(int(cam.argmax()), 16)
+    assert 4 <= y < 8 and 4 <= x < 8
+
+
+def test_load_image(tmp_path) -> None:
+    arr = (np.arange(40 * 60 * 3) % 255).astype(np.uint8).reshape(40, 60, 3)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    img, shown = load_image(tmp_path / "a.png", in_chans=3, size=32, scale=36, mean=[0.5] * 3, std=[0.25] * 3)
+    assert img.shape == shown.shape == (3, 32, 32)
+    assert torch.allclose(img, (shown - 0.5) / 0.25)
+    gray, _ = load_image(tmp_path / "a.png", in_chans=1, size=28, scale=None, mean=[0.0], std=[1.0])
+    assert gray.shape == (1, 28, 28)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.jpg"):
+        load_image(tmp_path / "bad.jpg", in_chans=3, size=32, scale=None, mean=[0.5] * 3, std=[0.5] * 3)
+    with pytest.raises(DataError, match="missing.png"):
+        load_image(tmp_path / "missing.png", in_chans=3, size=32, scale=None, mean=[0.5] * 3, std=[0.5] * 3)
