@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from coarse2fine.config import OptimConfig, ScheduleConfig, TrainConfig
-from coarse2fine.engine import CrossEntropyObjective, FitResult, TrainingInterrupted, fit
+from coarse2fine.engine import CrossEntropyObjective, FitResult, TrainingInterrupted, fit, predict_proba
 from coarse2fine.engine import distributed as du
 
 CLASSES = ["north_west", "north_east", "south_west", "south_east"]
@@ -184,8 +184,14 @@ def _worker() -> int:
         print(f"error: {exc}", file=sys.stderr)
         du.cleanup()
         return 2
-    if args.out is not None and du.is_main_process():
-        torch.save({"model": model.state_dict(), "history": comparable(result.history)}, args.out)
+    # probabilities on an odd-sized split (uneven shards), gathered back into order on every rank
+    odd = TinyLoader(TinyDataset(61, seed=3), 8, shuffle=False, drop_last=False, rank=info.rank,
+                     world_size=info.world_size, pad_shards=False)
+    probs, targets = predict_proba(model, odd, device="cpu")
+    if args.out is not None:
+        out = args.out.with_suffix(f".rank{info.rank}.pt")
+        torch.save({"model": model.state_dict(), "history": comparable(result.history),
+                    "probs": torch.from_numpy(probs), "targets": torch.from_numpy(targets)}, out)
     du.cleanup()
     return 0
 

@@ -19,9 +19,7 @@ class TinyBlock(Backbone):
             nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)
         )
         self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(width, num_classes)
-        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(width, num_classes))
         self.feature_info = [StageInfo("stage1", width, 2, "stem"), StageInfo("stage2", width, 2, "body")]
 
     def sequence(self) -> list[tuple[str, nn.Module]]:

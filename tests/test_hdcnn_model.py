@@ -13,9 +13,7 @@ from test_hdcnn_helpers import TinyBlock
 SETS = [[0, 1, 2], [2, 3], [3, 4, 5]]
 
 
-def make(
-    beta: float | None = None, fine_exec: str = "auto", sets=SETS, seed: int = 0, sharp: float = 1.0
-) -> HDCNN:
+def make(beta: float | None = None, fine_exec: str = "auto", sets=SETS, seed: int = 0, sharp: float = 1.0) -> HDCNN:
     torch.manual_seed(seed)
     model = HDCNN(TinyBlock(6), sets, "stage1", beta=beta, fine_exec=fine_exec)
     # make the fine components differ from each other (they start as copies of one rear)

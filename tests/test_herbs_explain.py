@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -13,8 +11,7 @@ from coarse2fine.config import HERBSConfig
 from coarse2fine.errors import DataError, ModelError
 from coarse2fine.herbs import build_herbs
 from coarse2fine.herbs.explain import class_activation, explain_image, load_image
-
-from test_herbs import NUM_CLASSES, TinyCNN, TinyTokens  # noqa: I001
+from test_herbs import NUM_CLASSES, TinyCNN, TinyTokens
 
 CLASSES = [f"class{i}" for i in range(NUM_CLASSES)]
 
@@ -67,7 +64,7 @@ def test_load_image(tmp_path) -> None:
     gray, _ = load_image(tmp_path / "a.png", in_chans=1, size=28, scale=None, mean=[0.0], std=[1.0])
     assert gray.shape == (1, 28, 28)
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="bad.jpg"):
+    with pytest.raises(DataError, match=r"bad\.jpg"):
         load_image(tmp_path / "bad.jpg", in_chans=3, size=32, scale=None, mean=[0.5] * 3, std=[0.5] * 3)
-    with pytest.raises(DataError, match="missing.png"):
+    with pytest.raises(DataError, match=r"missing\.png"):
         load_image(tmp_path / "missing.png", in_chans=3, size=32, scale=None, mean=[0.5] * 3, std=[0.5] * 3)

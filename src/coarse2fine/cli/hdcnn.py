@@ -54,8 +54,7 @@ def register(subparsers: Any) -> None:
         action="append",
         default=None,
         metavar="BETA",
-        help="conditional execution threshold 1/(beta K) to sweep (repeatable); "
-        "default: the recipe's hdcnn.beta_sweep",
+        help="conditional execution threshold 1/(beta K) to sweep (repeatable); default: the recipe's hdcnn.beta_sweep",
     )
     ev.add_argument(
         "--set",
@@ -133,18 +132,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from coarse2fine.build import build_datasets, build_loaders
     from coarse2fine.config import apply_overrides, config_from_dict
     from coarse2fine.engine.checkpoint import check_compatible, load_checkpoint
-    from coarse2fine.hdcnn.pipeline import build_hdcnn_from_metadata, evaluate_hdcnn, reference_taxonomy
+    from coarse2fine.hdcnn.pipeline import build_hdcnn_model, evaluate_hdcnn, reference_taxonomy
     from coarse2fine.hierarchy import Hierarchy
 
     ckpt = load_checkpoint(args.checkpoint)
     for key in ("config", "classes", "metadata", "model"):
         if key not in ckpt:
-            raise CheckpointError(
-                f"checkpoint {args.checkpoint!r} has no {key!r}: not written by c2f hdcnn fit"
-            )
+            raise CheckpointError(f"checkpoint {args.checkpoint!r} has no {key!r}: not written by c2f hdcnn fit")
     cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), args.overrides))
     classes = list(ckpt["classes"])
-    model = build_hdcnn_from_metadata(cfg, classes, ckpt["metadata"])
+    model = build_hdcnn_model(cfg, classes, ckpt["metadata"])
     check_compatible(ckpt, classes, model, args.checkpoint)
     model.load_state_dict(ckpt["model"])
     h = Hierarchy.from_dict(ckpt["metadata"]["hierarchy"], source=args.checkpoint)
@@ -160,7 +157,7 @@ def run_eval(args: argparse.Namespace) -> int:
         loaders.test,
         betas=betas,
         progress=not args.no_progress,
-        reference=reference_taxonomy(cfg, bundle.test),
+        reference=reference_taxonomy(cfg, bundle),
     )
     report.update(groups=h.groups(), partial_sets=h.partial_groups(), checkpoint=args.checkpoint)
     print_report(report)

@@ -55,7 +55,9 @@ def run_explain(args: argparse.Namespace) -> int:
     trained = load_trained(args.checkpoint)
     model, cfg = trained.model, trained.cfg
     if not hasattr(model, "explain"):
-        raise CheckpointError(f"checkpoint {args.checkpoint!r} holds a {cfg.method!r} model; c2f explain needs herbs")
+        raise CheckpointError(
+            f"checkpoint {args.checkpoint!r} holds a {cfg.method!r} model; c2f explain needs herbs"
+        )
     model.to(torch.device(args.device)).eval()
     c, h, _ = model.input_size
     stats = _find_stats(trained.checkpoint)
@@ -65,8 +67,12 @@ def run_explain(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     for image_path in args.images:
         image, shown = load_image(
-            image_path, in_chans=c, size=cfg.data.image_size or h, scale=cfg.data.test_scale,
-            mean=stats["mean"], std=stats["std"],
+            image_path,
+            in_chans=c,
+            size=cfg.data.image_size or h,
+            scale=cfg.data.test_scale,
+            mean=stats["mean"],
+            std=stats["std"],
         )
         target = out_dir / f"{Path(image_path).stem}.png"
         top = explain_image(model, image, trained.classes, target, display=shown, topk=args.topk)

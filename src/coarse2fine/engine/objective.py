@@ -28,7 +28,7 @@ def heads_of(outputs: Outputs) -> Mapping[str, Tensor]:
 class Objective(nn.Module):
     """Base class of every loss. ``set_epoch`` is called at the start of each epoch."""
 
-    def set_epoch(self, epoch: int) -> None:  # noqa: B027 - optional hook
+    def set_epoch(self, epoch: int) -> None:
         """Epoch-dependent schedules (e.g. HERBS' temperature) override this."""
 
     def forward(self, outputs: Outputs, targets: Tensor) -> dict[str, Tensor]:

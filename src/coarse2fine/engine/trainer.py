@@ -451,7 +451,9 @@ def fit(
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         state = _State()
 
-        if resume and paths["last"].is_file():
+        have_last = paths["last"].is_file()
+        du.barrier()  # every rank decides before rank 0 writes anything
+        if resume and have_last:
             ckpt = load_checkpoint(paths["last"])
             check_compatible(ckpt, classes, model, paths["last"])
             du.unwrap(model).load_state_dict(ckpt["model"])
@@ -472,7 +474,7 @@ def fit(
         else:
             if resume:
                 log.warning("resume requested but %s does not exist: starting from scratch", paths["last"])
-            elif paths["last"].exists() and not overwrite:
+            elif have_last and not overwrite:
                 raise CheckpointError(
                     f"{paths['last']} already exists: resume that run, or choose another run name / out_dir"
                 )

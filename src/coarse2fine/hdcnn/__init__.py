@@ -11,6 +11,7 @@ from coarse2fine.hdcnn.objective import HDCNNObjective
 _PIPELINE = (
     "StagePaths",
     "build_hdcnn_from_metadata",
+    "build_hdcnn_model",
     "evaluate_hdcnn",
     "hdcnn_metadata",
     "hdcnn_param_groups",

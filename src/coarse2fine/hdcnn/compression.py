@@ -472,3 +472,22 @@ def parse_layer_spec(items: list[str]) -> dict[str, LayerSpec]:
         except ValueError as exc:
             raise ModelError(f"layer spec {item!r}: expected NAME=S:K, e.g. classifier.0=4:256") from exc
     return out
+
+
+def compression_of(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``{layer: [s, k]}`` spec a compressed checkpoint carries (``metadata["compression"]``), or None."""
+    metadata = checkpoint.get("metadata") or {}
+    spec = metadata.get("compression") if isinstance(metadata, Mapping) else None
+    return dict(spec) if spec else None
+
+
+def load_compressed_state(model: nn.Module, checkpoint: Mapping[str, Any]) -> nn.Module:
+    """Load a compressed checkpoint into a freshly built ``model``: swap in the PQ layers named by
+    ``checkpoint["metadata"]["compression"]`` (:func:`apply_compression_structure`), then load the
+    state dict (uint8 codes, fp32 centres). A checkpoint without compression loads as it is.
+    """
+    spec = compression_of(checkpoint)
+    if spec:
+        apply_compression_structure(model, spec)
+    model.load_state_dict(checkpoint.get("model", checkpoint))
+    return model

@@ -115,9 +115,7 @@ def peak_memory_bytes(model: nn.Module, images: Tensor, **kwargs: Any) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(images, **kwargs)
-    events = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
-    )
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     return int(max(itertools.accumulate(v for _, v in events), default=0))
 
 
@@ -185,9 +183,7 @@ def compress_hdcnn(model: nn.Module, spec: str | dict[str, Any] = "auto", *, see
             continue
         fine_layers.append(rep.to_dict())
         state = {n: v for n, v in comp.state_dict().items() if not n.endswith((".codes", ".centers"))}
-        state.update(
-            {f"{n}.weight": m.weight.detach() for n, m in comp.named_modules() if hasattr(m, "codes")}
-        )
+        state.update({f"{n}.weight": m.weight.detach() for n, m in comp.named_modules() if hasattr(m, "codes")})
         with torch.no_grad():
             params, buffers = model.fine.stacked()
             for name, target in {**params, **buffers}.items():

@@ -57,9 +57,7 @@ def find_classifier(module: nn.Module) -> tuple[str, nn.Module]:
         ):
             found = (name, sub)
     if found is None:
-        raise ModelError(
-            f"no nn.Linear or 1x1 nn.Conv2d classifier found in the rear layers ({type(module).__name__})"
-        )
+        raise ModelError(f"no nn.Linear or 1x1 nn.Conv2d classifier found in the rear layers ({type(module).__name__})")
     return found
 
 
@@ -293,9 +291,7 @@ class HDCNN(nn.Module):
 
         cls_name, cls_layer = find_classifier(rear)
         if getattr(cls_layer, "out_features", getattr(cls_layer, "out_channels", None)) != num_classes:
-            raise ModelError(
-                f"the rear's last classifier layer {cls_name!r} does not output the {num_classes} classes"
-            )
+            raise ModelError(f"the rear's last classifier layer {cls_name!r} does not output the {num_classes} classes")
         self.classifier_name = cls_name
         s_max = max(len(s) for s in sets)
         components = []

@@ -43,8 +43,7 @@ class HDCNNObjective(Objective):
         coarse = _at_least_fp32(outputs["coarse_probs"])
         if coarse.shape[-1] != self.coarse_targets.numel():
             raise ConfigError(
-                f"HD-CNN has K={coarse.shape[-1]} coarse categories but "
-                f"{self.coarse_targets.numel()} targets t_k"
+                f"HD-CNN has K={coarse.shape[-1]} coarse categories but {self.coarse_targets.numel()} targets t_k"
             )
         consistency = 0.5 * (self.coarse_targets.to(coarse.dtype) - coarse.mean(dim=0)).pow(2).sum()
         loss = nll + self.consistency_weight * consistency

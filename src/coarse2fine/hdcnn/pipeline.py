@@ -102,41 +102,51 @@ class StagePaths:
 
 
 def _in_chans(bundle: Any) -> int:
-    return int(getattr(bundle.train, "num_channels", 3))
+    return int(getattr(bundle, "num_channels", None) or getattr(bundle.train, "num_channels", 3))
 
 
-def _create_block(cfg: RunConfig, num_classes: int, in_chans: int, name: str | None = None) -> nn.Module:
-    from coarse2fine.models import create_model
-
-    return create_model(
-        name or cfg.model.name, num_classes=num_classes, in_chans=in_chans, **cfg.model.kwargs
-    )
+def _plain(cfg: RunConfig) -> RunConfig:
+    return dataclasses.replace(cfg, method="plain")
 
 
-def hdcnn_metadata(cfg: RunConfig, h: Hierarchy, in_chans: int) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild the HD-CNN (JSON-able)."""
+def _create_block(cfg: RunConfig, num_classes: int, in_chans: int, *, load_files: bool = True) -> nn.Module:
+    """The building block of ``cfg.model`` (with its local weights files when ``load_files``)."""
+    from coarse2fine.build import build_backbone
+
+    return build_backbone(_plain(cfg), num_classes, in_chans, load_files=load_files)
+
+
+def hdcnn_metadata(
+    cfg: RunConfig, h: Hierarchy, in_chans: int, t: Sequence[float], data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the HD-CNN and its loss (JSON-able), plus the data's metadata."""
     return {
+        **(data or {}),
         "method": "hdcnn",
         "hierarchy": h.to_dict(),
         "branch_stage": cfg.hdcnn.branch_stage,
         "block": cfg.model.name,
         "in_chans": in_chans,
+        "coarse_targets": [float(v) for v in t],
     }
 
 
-def build_hdcnn_from_metadata(cfg: RunConfig, classes: Sequence[str], metadata: dict[str, Any]) -> HDCNN:
+def build_hdcnn_model(cfg: RunConfig, classes: Sequence[str] | int, metadata: dict[str, Any]) -> HDCNN:
     """An untrained HD-CNN with the architecture recorded in a checkpoint's ``metadata``.
 
-    Used by ``build.build_model`` for ``method: hdcnn``; load the checkpoint's state dict into it.
+    ``classes``: the class names (checked against the hierarchy's) or just their number.
     """
     if not isinstance(metadata, dict) or "hierarchy" not in metadata:
-        raise CheckpointError(
-            "HD-CNN checkpoint metadata has no 'hierarchy'; was it written by c2f hdcnn fit?"
-        )
+        raise CheckpointError("HD-CNN checkpoint metadata has no 'hierarchy': not written by c2f hdcnn fit")
     h = Hierarchy.from_dict(metadata["hierarchy"], source="checkpoint metadata")
-    h.validate(classes)
-    in_chans = int(metadata.get("in_chans", 3))
-    block = _create_block(cfg, len(classes), in_chans, metadata.get("block"))
+    if isinstance(classes, int):
+        if classes != h.num_classes:
+            raise HierarchyError(f"the hierarchy has {h.num_classes} classes but the model needs {classes}")
+    else:
+        h.validate(classes)
+    if metadata.get("block", cfg.model.name) != cfg.model.name:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=metadata["block"]))
+    block = _create_block(cfg, h.num_classes, int(metadata.get("in_chans", 3)), load_files=False)
     return HDCNN(
         block,
         h.partial_sets,
@@ -145,6 +155,22 @@ def build_hdcnn_from_metadata(cfg: RunConfig, classes: Sequence[str], metadata: 
         beta=cfg.hdcnn.beta,
         fine_exec=cfg.hdcnn.fine_exec,
     )
+
+
+def build_hdcnn_from_metadata(
+    cfg: RunConfig, classes: Sequence[str] | int, metadata: dict[str, Any]
+) -> tuple[HDCNN, HDCNNObjective]:
+    """(model, loss) for ``build.build_model_and_objective`` with ``method: hdcnn``.
+
+    The model is untrained (load the checkpoint's state dict into it); the loss uses the coarse
+    targets t_k stored in the metadata and ``hdcnn.consistency_weight``.
+    """
+    model = build_hdcnn_model(cfg, classes, metadata)
+    t = metadata.get("coarse_targets")
+    if t is None:  # uniform over the partial sets' sizes when the counts were not recorded
+        sizes = np.array([len(s) for s in model.partial_sets], dtype=np.float64)
+        t = sizes / sizes.sum()
+    return model, HDCNNObjective(t, cfg.hdcnn.consistency_weight)
 
 
 def hdcnn_param_groups(model: HDCNN) -> list[dict[str, Any]]:
@@ -244,9 +270,7 @@ def _fit_stage(
     return ckpt
 
 
-def _final_checkpoint(
-    model: nn.Module, cfg: RunConfig, classes: Sequence[str], metadata: dict, **extra: Any
-) -> dict:
+def _final_checkpoint(model: nn.Module, cfg: RunConfig, classes: Sequence[str], metadata: dict, **extra: Any) -> dict:
     return {
         "model": model.state_dict(),
         "config": to_dict(cfg),
@@ -270,7 +294,8 @@ def stage_block(
         log.info("HD-CNN stage 1: building block from %s", source)
         return block, source
     epochs = cfg.hdcnn.block_epochs or cfg.train.epochs
-    bcfg = _stage_cfg(cfg, epochs=epochs)
+    bcfg = _plain(_stage_cfg(cfg, epochs=epochs))
+    meta = {**bundle.metadata(), "stage": "block"}
     ckpt = _fit_stage(
         bcfg,
         block,
@@ -278,14 +303,12 @@ def stage_block(
         loaders,
         paths.run_dir / "block",
         classes,
-        {"method": "plain", "stage": "block"},
+        meta,
         resume=resume,
         progress=progress,
         desc="block",
     )
-    save_checkpoint(
-        _final_checkpoint(block, bcfg, classes, {"stage": "block"}, epoch=ckpt.get("epoch")), paths.block
-    )
+    save_checkpoint(_final_checkpoint(block, bcfg, classes, meta, epoch=ckpt.get("epoch")), paths.block)
     return block, str(paths.block)
 
 
@@ -483,17 +506,13 @@ def evaluate_hdcnn(
         "fine_component_parameters": _param_count(model.fine),
         "hdcnn_peak_bytes": peak_memory_bytes(model, images),
         "hdcnn_ms_per_image": base.ms_per_image,
-        "memory_measure": "cuda max_memory_allocated"
-        if device.type == "cuda"
-        else "torch.profiler CPU allocations",
+        "memory_measure": "cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocations",
     }
     if cfg.hdcnn.beta is not None:
         report["cost"]["hdcnn_conditional_peak_bytes"] = peak_memory_bytes(model, images, beta=cfg.hdcnn.beta)
     if block is not None:
         block.to(device)
-        bres = evaluate(
-            block, test_loader, num_classes=num_classes, device=device, amp=amp, desc="test block"
-        )
+        bres = evaluate(block, test_loader, num_classes=num_classes, device=device, amp=amp, desc="test block")
         bpass = inference_pass(block, test_loader, device=device, amp=amp)
         report["block"] = bres.to_dict(h.class_names)
         report["block"]["severity_learnt"] = mistake_severity(bpass.pred, bpass.target, h)
@@ -520,11 +539,11 @@ def evaluate_hdcnn(
     return report
 
 
-def reference_taxonomy(cfg: RunConfig, dataset: Any) -> dict[str, list[str]] | None:
-    """``hdcnn.reference_hierarchy`` (JSON file) or else the dataset's own (CIFAR-100 superclasses)."""
+def reference_taxonomy(cfg: RunConfig, bundle: Any) -> dict[str, list[str]] | None:
+    """``hdcnn.reference_hierarchy`` (JSON file) or else the data's own (CIFAR-100 superclasses)."""
     if cfg.hdcnn.reference_hierarchy:
         return load_reference(cfg.hdcnn.reference_hierarchy)
-    return getattr(dataset, "reference_hierarchy", None)
+    return getattr(bundle, "reference_hierarchy", None)
 
 
 # ---- the whole pipeline -----------------------------------------------------------------------------
@@ -548,22 +567,21 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
     from coarse2fine.build import build_datasets, build_loaders
 
     _check_cfg(cfg)
+    cfg = dataclasses.replace(cfg, method="hdcnn")
     start = time.perf_counter()
     paths = StagePaths(cfg.run_dir)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     bundle = build_datasets(cfg)
     if cfg.hdcnn.num_coarse > len(bundle.classes):
-        raise ConfigError(
-            f"hdcnn.num_coarse={cfg.hdcnn.num_coarse} exceeds the {len(bundle.classes)} classes"
-        )
+        raise ConfigError(f"hdcnn.num_coarse={cfg.hdcnn.num_coarse} exceeds the {len(bundle.classes)} classes")
     loaders = build_loaders(cfg, bundle)
     classes = list(bundle.classes)
 
     block, block_source = stage_block(cfg, bundle, loaders, paths, resume=resume, progress=progress)
     h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=resume, progress=progress)
-    in_chans = _in_chans(bundle)
-    metadata = hdcnn_metadata(cfg, h, in_chans)
+    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)))
+    metadata = hdcnn_metadata(cfg, h, _in_chans(bundle), t, bundle.metadata())
     torch.manual_seed(cfg.seed)
     model = HDCNN(
         block,
@@ -576,12 +594,11 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
     stage_fine_components(cfg, model, bundle, paths, metadata, resume=resume, progress=progress)
     if not (resume and paths.init.is_file()):
         save_checkpoint(_final_checkpoint(model, cfg, classes, metadata), paths.init)
-    initial = build_hdcnn_from_metadata(cfg, classes, metadata)
+    initial = build_hdcnn_model(cfg, classes, metadata)
     initial.load_state_dict(load_checkpoint(paths.init)["model"])
-    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)))
     stage_finetune(cfg, model, bundle, loaders, paths, metadata, t, resume=resume, progress=progress)
 
-    reference = reference_taxonomy(cfg, bundle.test)
+    reference = reference_taxonomy(cfg, bundle)
     model.beta = cfg.hdcnn.beta
     report = evaluate_hdcnn(
         cfg,

@@ -38,7 +38,9 @@ def _display(image: Tensor) -> Tensor:
     return img[:3].permute(1, 2, 0)
 
 
-def class_activation(maps: Sequence[Tensor], grids: Sequence[Any], cls: int, size: tuple[int, int]) -> Tensor | None:
+def class_activation(
+    maps: Sequence[Tensor], grids: Sequence[Any], cls: int, size: tuple[int, int]
+) -> Tensor | None:
     """Mean over stages of the per-token logit of class ``cls``, each stage scaled to [0, 1]."""
     layers = []
     for m, g in zip(maps, grids):
@@ -135,7 +137,13 @@ def explain_image(
 
 
 def load_image(
-    path: str | Path, *, in_chans: int, size: int, scale: int | None, mean: Sequence[float], std: Sequence[float]
+    path: str | Path,
+    *,
+    in_chans: int,
+    size: int,
+    scale: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> tuple[Tensor, Tensor]:
     """Read an image file for ``explain``: shortest side resized to ``scale`` (default ``size``),
     centre crop ``size``; returns (normalised image, image in [0, 1] for display)."""

@@ -1,0 +1,245 @@
+"""HD-CNN ablation on Fashion-MNIST (SPEC 2.4's table, same building block, stated epoch budget).
+
+Rows: building block; average of two building blocks (softmax mean, second seed); HD-CNN without
+fine-tuning; fine-tuned without and with the consistency term; conditional execution at several
+beta; product-quantised compression. Plus: all K fine components batched with ``torch.vmap`` vs a
+Python loop over them (inference and one training step).
+
+    python benchmarks/hdcnn.py                      # short version (limit_train, 1-2 epochs per stage)
+    python benchmarks/hdcnn.py --full               # the recipe's data and epoch budget
+    python benchmarks/hdcnn.py --set hdcnn.num_coarse=3 --out runs/bench
+
+Stages are cached under ``<out>/<name>/`` like ``c2f hdcnn fit``: a second run re-evaluates only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from coarse2fine.build import build_datasets, build_loaders
+from coarse2fine.config import load_config
+from coarse2fine.engine.evaluate import evaluate, resolve_device
+from coarse2fine.hdcnn.evaluation import compress_hdcnn, inference_pass, peak_memory_bytes
+from coarse2fine.hdcnn.model import HDCNN
+from coarse2fine.hdcnn.objective import HDCNNObjective
+from coarse2fine.hdcnn.pipeline import (
+    StagePaths,
+    _class_counts,
+    _in_chans,
+    hdcnn_metadata,
+    stage_block,
+    stage_fine_components,
+    stage_finetune,
+    stage_hierarchy,
+)
+from coarse2fine.hierarchy import coarse_targets
+
+SHORT = [
+    "data.limit_train=6000",
+    "data.limit_test=2000",
+    "hdcnn.block_epochs=2",
+    "hdcnn.fine_epochs=1",
+    "hdcnn.finetune_epochs=1",
+]
+
+
+class SoftmaxAverage(nn.Module):
+    """ConvNet fusion: log of the mean softmax of several models."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = torch.stack([torch.softmax(m(x).float(), 1) for m in self.models]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _row(name: str, model: nn.Module, loader: Any, device: torch.device, beta: float | None = None) -> dict:
+    res = inference_pass(model, loader, device=device, beta=beta)
+    return {
+        "variant": name,
+        "top1": res.top1,
+        "top5": res.top5,
+        "components": res.components_run,
+        "ms_per_image": res.ms_per_image,
+        "params": _params(model),
+    }
+
+
+def _train_step_ms(model: HDCNN, images: Tensor, targets: Tensor, t: Any, repeats: int) -> float:
+    objective = HDCNNObjective(t)
+    model.train()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        objective(model(images), targets)["loss"].backward()
+        best = min(best, time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return 1000 * best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/hdcnn_fashion_mnist.yaml")
+    ap.add_argument("--full", action="store_true", help="the recipe's full data and epochs (long)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default="runs/bench_hdcnn")
+    ap.add_argument("--betas", default="1,1.5,2,4", help="comma-separated beta values")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = ([] if args.full else SHORT) + args.overrides
+    name = "full" if args.full else "short"
+    cfg = load_config(args.config, [*overrides, f"out_dir={args.out}", f"name={name}"])
+    device = resolve_device(cfg.train.device)
+    paths = StagePaths(cfg.run_dir)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    bundle = build_datasets(cfg)
+    loaders = build_loaders(cfg, bundle)
+    classes = list(bundle.classes)
+    block, _ = stage_block(cfg, bundle, loaders, paths, resume=True, progress=True)
+    cfg2 = dataclasses.replace(cfg, seed=cfg.seed + 1, hdcnn=dataclasses.replace(cfg.hdcnn, block_checkpoint=None))
+    block2, _ = stage_block(
+        cfg2, bundle, loaders, StagePaths(paths.run_dir / "second_block"), resume=True, progress=True
+    )
+    h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=True, progress=True)
+    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)))
+    metadata = hdcnn_metadata(cfg, h, _in_chans(bundle), t, bundle.metadata())
+    torch.manual_seed(cfg.seed)
+    initial = HDCNN(
+        block,
+        h.partial_sets,
+        cfg.hdcnn.branch_stage,
+        class_names=classes,
+        fine_exec=cfg.hdcnn.fine_exec,
+        fine_head_init=cfg.hdcnn.fine_head_init,
+    )
+    stage_fine_components(cfg, initial, bundle, paths, metadata, resume=True, progress=True)
+    tuned = {}
+    for lam in (0.0, cfg.hdcnn.consistency_weight):
+        model = copy.deepcopy(initial)
+        lcfg = dataclasses.replace(cfg, hdcnn=dataclasses.replace(cfg.hdcnn, consistency_weight=lam))
+        stage_finetune(
+            lcfg,
+            model,
+            bundle,
+            loaders,
+            StagePaths(paths.run_dir / f"lambda_{lam:g}"),
+            metadata,
+            t,
+            resume=True,
+            progress=True,
+        )
+        tuned[lam] = model
+    train_seconds = time.perf_counter() - t0
+
+    test = loaders.test
+    lam = cfg.hdcnn.consistency_weight
+    best = tuned[lam]
+    rows = [
+        _row("building block", block.to(device), test, device),
+        _row("average of two building blocks", SoftmaxAverage(block, block2).to(device), test, device),
+        _row("HD-CNN, no fine-tuning", initial.to(device), test, device),
+        _row("HD-CNN, fine-tuned, lambda=0", tuned[0.0].to(device), test, device),
+        _row(f"HD-CNN, fine-tuned, lambda={lam:g}", best.to(device), test, device),
+    ]
+    for beta in [float(b) for b in args.betas.split(",") if b]:
+        rows.append(_row(f"  + conditional execution, beta={beta:g}", best, test, device, beta=beta))
+    compressed = copy.deepcopy(best)
+    comp = compress_hdcnn(compressed, "auto", seed=cfg.seed)
+    rows.append(_row("  + compression (PQ, auto spec)", compressed, test, device))
+    rows[-1]["bytes"] = comp["bytes_after"]
+    for r in rows[:-1]:
+        r["bytes"] = None
+    rows[4]["bytes"] = comp["bytes_before"]
+
+    # vmap vs loop over the K fine components (same model, same weights)
+    images, targets = next(iter(loaders.train))
+    images, targets = images.to(device), targets.to(device)
+    exec_rows = []
+    for mode in ("vmap", "loop"):
+        best.fine.set_exec(mode)
+        res = inference_pass(best, test, device=device)
+        exec_rows.append(
+            {
+                "mode": mode,
+                "top1": res.top1,
+                "infer_ms_per_image": res.ms_per_image,
+                "train_step_ms": _train_step_ms(best, images, targets, t, repeats=3),
+            }
+        )
+    best.fine.set_exec(cfg.hdcnn.fine_exec)
+    best.eval()
+    eval_images = next(iter(test))[0].to(device)
+    memory = {
+        "block_peak_bytes": peak_memory_bytes(block, eval_images),
+        "hdcnn_peak_bytes": peak_memory_bytes(best, eval_images),
+        "batch": int(eval_images.shape[0]),
+    }
+    check = evaluate(best, test, num_classes=len(classes), device=device)
+
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    print(
+        f"\nHD-CNN on Fashion-MNIST ({name}: {' '.join(overrides) or 'recipe as is'}), K={h.num_coarse}, "
+        f"block {cfg.model.name}, branch at {cfg.hdcnn.branch_stage}; device {device}; {machine}"
+    )
+    print(f"groups: {h.partial_groups()}\n")
+    print("| variant | top-1 % | top-5 % | fine components / image | ms / image | parameters | bytes |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        comps = "-" if r["components"] is None else f"{r['components']:.2f}"
+        size = "-" if r["bytes"] is None else f"{r['bytes']:,}"
+        print(
+            f"| {r['variant']} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | {comps} | "
+            f"{r['ms_per_image']:.3f} | {r['params']:,} | {size} |"
+        )
+    print(
+        "\n| all K fine components run as | top-1 % | inference ms / image | training step ms (batch "
+        f"{images.shape[0]}) |"
+    )
+    print("|---|---:|---:|---:|")
+    for r in exec_rows:
+        print(f"| {r['mode']} | {100 * r['top1']:.2f} | {r['infer_ms_per_image']:.3f} | {r['train_step_ms']:.1f} |")
+    print(
+        f"\npeak memory of one forward pass (batch {memory['batch']}): "
+        f"block {memory['block_peak_bytes']:,} B, "
+        f"HD-CNN {memory['hdcnn_peak_bytes']:,} B; engine.evaluate top-1 {100 * check.top1:.2f} %; "
+        f"training stages took {train_seconds:.0f} s (cached stages count 0)"
+    )
+    out = Path(paths.run_dir) / "benchmark.json"
+    out.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "exec": exec_rows,
+                "memory": memory,
+                "compression": comp,
+                "overrides": overrides,
+                "machine": machine,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

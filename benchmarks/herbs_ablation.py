@@ -1,0 +1,238 @@
+"""HERBS ablation on real Fashion-MNIST (SPEC 3): plain backbone vs HERBS vs the basic variants.
+
+Every arm trains the same backbone (default ``vgg_small_bn``) with the same data order, augmentation,
+optimiser, schedule and epochs; only the head and the loss differ:
+
+- ``plain``: the backbone's own classifier, cross-entropy;
+- ``herbs``: full HERBS (feature pyramid, selector, combiner, refinement);
+- ``bs``: basic background suppression on the last block;
+- ``refine``: basic high-temperature refinement on the last two blocks.
+
+Test top-1 is measured on the official 10k test images. Cost of HERBS over its backbone, measured in
+the same run on the same machine: forward time (eval mode, ``inference_mode``), parameters, and
+training activation memory (bytes of the tensors autograd saves for backward in one training step;
+plus peak CUDA memory on a GPU).
+
+Full run (the lead):   python benchmarks/herbs_ablation.py --epochs 15
+Short run (shared CPU): python benchmarks/herbs_ablation.py --epochs 1 --limit-train 6000 --limit-test 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from coarse2fine.config import HERBSConfig
+from coarse2fine.data.fashion_mnist import FashionMNIST
+from coarse2fine.data.transforms import BatchAugment
+from coarse2fine.engine.objective import CrossEntropyObjective, logits_of
+from coarse2fine.herbs import build_herbs
+from coarse2fine.models import create_model
+
+ARMS = ("plain", "herbs", "bs", "refine")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the data module's search)")
+    p.add_argument("--model", default="vgg_small_bn")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--limit-train", type=int, default=None, help="first N training images (stratified order)")
+    p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--fpn-size", type=int, default=128)
+    p.add_argument("--temperature-period", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--timing-batch", type=int, default=256)
+    p.add_argument("--timing-reps", type=int, default=10)
+    return p.parse_args()
+
+
+def subset(images: Tensor, targets: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """A class-balanced random subset of ``n`` images (all when None)."""
+    if n is None or n >= len(targets):
+        return images, targets
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(targets), generator=gen)
+    classes = int(targets.max()) + 1
+    per_class = math.ceil(n / classes)
+    keep = torch.cat([order[targets[order] == c][:per_class] for c in range(classes)])[:n]
+    return images[keep], targets[keep]
+
+
+def make_arm(arm: str, args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(model, objective, backbone) for one arm; the backbone is initialised from the same seed."""
+    torch.manual_seed(args.seed)
+    backbone = create_model(args.model, num_classes=num_classes, in_chans=1)
+    if arm == "plain":
+        return backbone, CrossEntropyObjective(), backbone
+    cfg = HERBSConfig(
+        fpn_size=args.fpn_size,
+        temperature_period=args.temperature_period,
+        basic=None if arm == "herbs" else arm,
+    )
+    model, objective = build_herbs(backbone, num_classes, cfg, input_size=(1, 28, 28))
+    return model, objective, backbone
+
+
+def accuracy(model: nn.Module, images: Tensor, targets: Tensor, norm: BatchAugment, device: str) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(targets), 1000):
+            x = norm(images[i : i + 1000]).to(device)
+            correct += int((logits_of(model(x)).argmax(-1).cpu() == targets[i : i + 1000]).sum())
+    return correct / len(targets)
+
+
+def train(
+    model: nn.Module,
+    objective: nn.Module,
+    data: tuple[Tensor, Tensor],
+    args: argparse.Namespace,
+    aug: BatchAugment,
+) -> float:
+    """SGD nesterov + one-cycle; the same data order for every arm. Returns seconds per epoch."""
+    images, targets = data
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+    steps = args.epochs * (len(targets) // args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, steps))
+    model.to(args.device)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        objective.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(len(targets), generator=gen)
+        for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
+            idx = order[i : i + args.batch_size]
+            x = aug(images[idx], gen).to(args.device)
+            y = targets[idx].to(args.device)
+            loss = objective(model(x), y)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return (time.perf_counter() - start) / max(1, args.epochs)
+
+
+def forward_time(model: nn.Module, x: Tensor, reps: int) -> float:
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        times = []
+        for _ in range(reps):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def activation_bytes(model: nn.Module, objective: nn.Module, x: Tensor, y: Tensor) -> tuple[int, int]:
+    """(bytes saved for backward in one training step, peak CUDA bytes or 0)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = objective(model(x), y)["loss"]
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() if x.is_cuda else 0
+    return sum(seen.values()), peak
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {ARMS}")
+    train_set = FashionMNIST(args.root, split="train")
+    test_set = FashionMNIST(args.root, split="test")
+    xtr, ytr = subset(train_set.images, torch.as_tensor(train_set.targets), args.limit_train, args.seed)
+    xte, yte = subset(test_set.images, torch.as_tensor(test_set.targets), args.limit_test, args.seed + 1)
+    pix = xtr.float().div(255)
+    mean, std = [pix.mean().item()], [pix.std().item()]
+    aug = BatchAugment(mean, std, size=28, train=True, pad=2, flip=True)
+    norm = BatchAugment(mean, std, size=28, train=False)
+    num_classes = len(train_set.classes)
+
+    rows: list[dict[str, Any]] = []
+    x_time = norm(xte[: args.timing_batch]).to(args.device)
+    x_mem, y_mem = norm(xtr[: args.batch_size]).to(args.device), ytr[: args.batch_size].to(args.device)
+    for arm in arms:
+        model, objective, backbone = make_arm(arm, args, num_classes)
+        model.to(args.device)
+        objective.to(args.device)
+        # cost before training (weights do not change the cost)
+        t_model = forward_time(model, x_time, args.timing_reps)
+        t_backbone = forward_time(backbone, x_time, args.timing_reps)
+        act, peak = activation_bytes(model, objective, x_mem, y_mem)
+        act_b, peak_b = activation_bytes(backbone, CrossEntropyObjective().to(args.device), x_mem, y_mem)
+        sec = train(model, objective, (xtr, ytr), args, aug)
+        rows.append(
+            {
+                "arm": arm,
+                "top1": accuracy(model, xte, yte, norm, args.device),
+                "sec_epoch": sec,
+                "time_ratio": t_model / t_backbone,
+                "ms": 1000 * t_model,
+                "params": n_params(model),
+                "param_ratio": n_params(model) / n_params(backbone),
+                "act_ratio": act / act_b,
+                "peak_ratio": (peak / peak_b) if peak_b else float("nan"),
+            }
+        )
+    base = next((r["top1"] for r in rows if r["arm"] == "plain"), None)
+    print(
+        f"\nFashion-MNIST, backbone {args.model}, {args.epochs} epoch(s), {len(ytr)} training / {len(yte)} "
+        f"test images, batch {args.batch_size}, device {args.device}\n"
+    )
+    print(
+        "| arm | test top-1 | vs plain (points) | s/epoch | forward ms (batch "
+        f"{args.timing_batch}) | forward time / backbone | params | params / backbone | "
+        "activation memory / backbone | peak CUDA memory / backbone |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        delta = f"{100 * (r['top1'] - base):+.2f}" if base is not None else "n/a"
+        print(
+            f"| {r['arm']} | {100 * r['top1']:.2f} % | {delta} | {r['sec_epoch']:.1f} | {r['ms']:.1f} | "
+            f"{r['time_ratio']:.2f} | {r['params'] / 1e6:.2f} M | {r['param_ratio']:.2f} | "
+            f"{r['act_ratio']:.2f} | {r['peak_ratio']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
