@@ -192,7 +192,29 @@ def test_auto_rule() -> None:
     spec = auto_spec(model)
     assert set(spec) == {"0", "1"}  # 1x1 conv and the tiny layer are left alone
     assert spec["0"] == (4, 64) and spec["1"] == (3, 16)  # k = a quarter of the rows
-    assert all(compression_factor(*model[int(n)].weight.reshape(model[int(n)].weight.shape[0], -1).shape,
-                                  *spec[n]) >= 2 for n in spec)
+    assert all(
+        compression_factor(*model[int(n)].weight.reshape(model[int(n)].weight.shape[0], -1).shape, *spec[n]) >= 2
+        for n in spec
+    )
     report = compress_model(model)  # default spec = auto
     assert isinstance(report, CompressionReport) and [r.name for r in report.layers] == ["0", "1"]
+
+
+def test_torch_backend_matches_sklearn_quality() -> None:
+    torch.manual_seed(0)
+    W = torch.randn(96, 32)
+    errs = {}
+    for backend in ("sklearn", "torch"):
+        codes, centers = product_quantize(W, 4, 16, seed=0, backend=backend)
+        assert codes.dtype == torch.uint8 and codes.shape == (96, 8) and centers.shape == (8, 16, 4)
+        errs[backend] = relative_error(W, reconstruct(codes, centers, 32))
+    assert errs["torch"] < 1.2 * errs["sklearn"]
+    torch_errors = [relative_error(W, reconstruct(*product_quantize(W, 4, k, backend="torch"), 32)) for k in (2, 8, 32)]
+    assert torch_errors[0] > torch_errors[1] > torch_errors[2] > 0.0
+    V = torch.randn(6, 10)[torch.randint(0, 6, (50,))]
+    assert torch.equal(reconstruct(*product_quantize(V, 3, 6, backend="torch"), 10), V)
+    with pytest.raises(ModelError, match="unknown backend"):
+        product_quantize(W, 4, 16, backend="faiss")
+    model = Tiny().eval()
+    report = compress_model(model, {"classifier.1": (4, 24)}, backend="torch")
+    assert 0.0 < report.layers[0].rel_error < 1.0

@@ -43,7 +43,7 @@ def test_idx_truncated_plain_names_sizes(tmp_path):
     with pytest.raises(DataError, match=r"x: truncated IDX file.*4x5.*need 32 bytes.*found 29"):
         read_idx(tmp_path / "x")
     (tmp_path / "x").write_bytes(raw + b"\0")
-    with pytest.raises(DataError, match="wrongly sized.*need 32 bytes.*found 33"):
+    with pytest.raises(DataError, match=r"wrongly sized.*need 32 bytes.*found 33"):
         read_idx(tmp_path / "x")
 
 
@@ -51,23 +51,23 @@ def test_idx_truncated_gzip_stream(tmp_path):
     write_idx(tmp_path / "x.gz", np.arange(5000, dtype=np.int32))
     raw = (tmp_path / "x.gz").read_bytes()
     (tmp_path / "x.gz").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(DataError, match="x.gz: corrupt or truncated gzip"):
+    with pytest.raises(DataError, match=r"x.gz: corrupt or truncated gzip"):
         read_idx(tmp_path / "x.gz")
 
 
 def test_idx_bad_magic_and_type(tmp_path):
     (tmp_path / "m").write_bytes(b"\x01\x00\x08\x01" + b"\0" * 8)
-    with pytest.raises(DataError, match="m: not an IDX file"):
+    with pytest.raises(DataError, match=r"m: not an IDX file"):
         read_idx(tmp_path / "m")
     (tmp_path / "t").write_bytes(b"\x00\x00\x07\x01" + (1).to_bytes(4, "big") + b"\0")
-    with pytest.raises(DataError, match="unknown IDX type code 0x07"):
+    with pytest.raises(DataError, match=r"unknown IDX type code 0x07"):
         read_idx(tmp_path / "t")
     (tmp_path / "h").write_bytes(b"\x00\x00\x08\x03\x00")
-    with pytest.raises(DataError, match="truncated IDX header: expected 16 bytes"):
+    with pytest.raises(DataError, match=r"truncated IDX header: expected 16 bytes"):
         read_idx(tmp_path / "h")
     with gzip.open(tmp_path / "s.gz", "wb") as gz:
         gz.write(b"\0\0")
-    with pytest.raises(DataError, match="too short"):
+    with pytest.raises(DataError, match=r"too short"):
         read_idx(tmp_path / "s.gz")
 
 
@@ -117,7 +117,7 @@ def test_fashion_mnist_label_out_of_range(tmp_path, no_default_roots):
 def test_fashion_mnist_count_mismatch(tmp_path, no_default_roots):
     write_fashion_mnist(tmp_path / "fm")
     write_idx(tmp_path / "fm" / "train-labels-idx1-ubyte.gz", np.zeros(29, np.uint8))
-    with pytest.raises(DataError, match="29 labels for 30 images"):
+    with pytest.raises(DataError, match=r"29 labels for 30 images"):
         FashionMNIST(tmp_path / "fm")
 
 
@@ -148,8 +148,11 @@ def test_cifar100_fine_and_coarse(tmp_path, protocol):
     ds = load_dataset("cifar100", tmp_path, "train")
     assert ds.images.shape == (24, 3, 32, 32) and ds.num_channels == 3 and ds.default_image_size == 32
     assert ds.classes == FINE and ds.targets.tolist() == [i % 6 for i in range(24)]
-    assert ds.reference_hierarchy == {"animals": ["fine0", "fine1"], "plants": ["fine2", "fine3"],
-                                      "things": ["fine4", "fine5"]}
+    assert ds.reference_hierarchy == {
+        "animals": ["fine0", "fine1"],
+        "plants": ["fine2", "fine3"],
+        "things": ["fine4", "fine5"],
+    }
     with open(tmp_path / "cifar-100-python" / "train", "rb") as fh:
         raw = pickle.load(fh)
     first = raw[b"data"][0]
@@ -171,7 +174,7 @@ def test_cifar100_inconsistent_hierarchy(tmp_path):
     batch[b"coarse_labels"][6] = 2  # fine0 now also under 'things'
     with open(folder / "train", "wb") as fh:
         pickle.dump(batch, fh)
-    with pytest.raises(DataError, match="fine class 'fine0' appears under two coarse classes"):
+    with pytest.raises(DataError, match=r"fine class 'fine0' appears under two coarse classes"):
         CIFAR100(tmp_path)
 
 
@@ -187,10 +190,10 @@ def test_cifar100_bad_contents(tmp_path):
     del batch[b"coarse_labels"]
     with open(folder / "train", "wb") as fh:
         pickle.dump(batch, fh)
-    with pytest.raises(DataError, match="train: missing key.*coarse_labels"):
+    with pytest.raises(DataError, match=r"train: missing key.*coarse_labels"):
         CIFAR100(tmp_path)
     (folder / "test").write_bytes((folder / "test").read_bytes()[:500])
-    with pytest.raises(DataError, match="test: .*(corrupt|truncated)"):
+    with pytest.raises(DataError, match=r"test: .*(corrupt|truncated)"):
         CIFAR100(tmp_path, "test")
 
 
@@ -221,7 +224,7 @@ def test_restricted_unpickler_refuses_builtins(tmp_path):
     from coarse2fine.data import safe_load_pickle
 
     (tmp_path / "p").write_bytes(pickle.dumps({"x": eval}))  # a reference to builtins.eval
-    with pytest.raises(DataError, match="builtins.eval"):
+    with pytest.raises(DataError, match=r"builtins.eval"):
         safe_load_pickle(tmp_path / "p")
     (tmp_path / "q").write_bytes(pickle.dumps({"a": np.arange(3), "b": np.int64(4), "c": [1.5, b"x"]}, protocol=2))
     back = safe_load_pickle(tmp_path / "q")
@@ -286,7 +289,7 @@ def test_cub_missing_image_file(tmp_path):
     folder = write_cub(tmp_path)
     victim = next((folder / "images").rglob("*_0000.jpg"))
     victim.unlink()
-    with pytest.raises(DataError, match=f"{victim}: image file does not exist"):
+    with pytest.raises(DataError, match=rf"{victim}: image file does not exist"):
         CUB200(tmp_path)
     ds = CUB200(tmp_path, bad_images="skip")
     assert len(ds) == 5 and ds.skipped == {str(victim): "image file does not exist"}
@@ -297,11 +300,16 @@ def test_nabirds_leaves_and_hierarchy(tmp_path):
     ds = load_dataset("nabirds", tmp_path, "train")
     assert ds.classes == ["House Finch", "Purple Finch", "Song Sparrow", "Mallard"]  # 104 has no images
     assert ds.targets.tolist() == [0, 1, 2, 3]
-    assert ds.reference_hierarchy == {"Finches": ["House Finch", "Purple Finch"], "Sparrows": ["Song Sparrow"],
-                                      "Ducks": ["Mallard"]}
+    assert ds.reference_hierarchy == {
+        "Finches": ["House Finch", "Purple Finch"],
+        "Sparrows": ["Song Sparrow"],
+        "Ducks": ["Mallard"],
+    }
     orders = NABirds(tmp_path, "test", level=1)
-    assert orders.reference_hierarchy == {"Perching Birds": ["House Finch", "Purple Finch", "Song Sparrow"],
-                                          "Waterfowl": ["Mallard"]}
+    assert orders.reference_hierarchy == {
+        "Perching Birds": ["House Finch", "Purple Finch", "Song Sparrow"],
+        "Waterfowl": ["Mallard"],
+    }
     img, _ = orders[0]
     assert img.size == (14, 10)
 
@@ -309,12 +317,12 @@ def test_nabirds_leaves_and_hierarchy(tmp_path):
 def test_nabirds_bad_hierarchy(tmp_path):
     folder = write_nabirds(tmp_path)
     (folder / "hierarchy.txt").write_text("100 10\n10 100\n")
-    with pytest.raises(DataError, match="hierarchy.txt: cycle in the hierarchy"):
+    with pytest.raises(DataError, match=r"hierarchy.txt: cycle in the hierarchy"):
         NABirds(tmp_path)
     (folder / "hierarchy.txt").write_text("100 999\n")
-    with pytest.raises(DataError, match="class id 999 is not listed"):
+    with pytest.raises(DataError, match=r"class id 999 is not listed"):
         NABirds(tmp_path)
-    with pytest.raises(ConfigError, match="level"):
+    with pytest.raises(ConfigError, match=r"level"):
         NABirds(tmp_path, level=0)
 
 
@@ -323,11 +331,11 @@ def test_nabirds_bad_hierarchy(tmp_path):
 
 def test_registry_errors(tmp_path):
     assert set(DATASETS) >= {"fashion_mnist", "cifar100", "cub", "nabirds", "folder"}
-    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'imagenet'"):
         load_dataset("imagenet")
-    with pytest.raises(ConfigError, match="only cifar100 has coarse labels"):
+    with pytest.raises(ConfigError, match=r"only cifar100 has coarse labels"):
         load_dataset("cub", tmp_path, label="coarse")
-    with pytest.raises(ConfigError, match="split='val'"):
+    with pytest.raises(ConfigError, match=r"split='val'"):
         load_dataset("cifar100", tmp_path, "val")
-    with pytest.raises(ConfigError, match="needs a root"):
+    with pytest.raises(ConfigError, match=r"needs a root"):
         load_dataset("folder")

@@ -88,8 +88,19 @@ def write_cub(root: Path, n_classes: int = 3, per_class: int = 4) -> Path:
 
 # NABirds: 0 root; 1, 2 orders; 10, 11 under 1; 20 under 2; leaves 100, 101 under 10; 102 under 11;
 # 103 under 20; 104 (no images) under 20.
-NAB_CLASSES = {0: "Birds", 1: "Perching Birds", 2: "Waterfowl", 10: "Finches", 11: "Sparrows", 20: "Ducks",
-               100: "House Finch", 101: "Purple Finch", 102: "Song Sparrow", 103: "Mallard", 104: "Wood Duck"}
+NAB_CLASSES = {
+    0: "Birds",
+    1: "Perching Birds",
+    2: "Waterfowl",
+    10: "Finches",
+    11: "Sparrows",
+    20: "Ducks",
+    100: "House Finch",
+    101: "Purple Finch",
+    102: "Song Sparrow",
+    103: "Mallard",
+    104: "Wood Duck",
+}
 NAB_PARENTS = {1: 0, 2: 0, 10: 1, 11: 1, 20: 2, 100: 10, 101: 10, 102: 11, 103: 20, 104: 20}
 
 

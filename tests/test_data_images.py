@@ -23,7 +23,7 @@ def test_folder_flat_tree(tmp_path):
     assert not ds.in_memory and ds.num_channels == 3 and ds.default_image_size == 224
     img, label = ds[0]
     assert img.mode == "RGB" and img.size == (12, 10) and label == 0
-    with pytest.raises(DataError, match="flat class-per-folder tree holds only the training split"):
+    with pytest.raises(DataError, match=r"flat class-per-folder tree holds only the training split"):
         ImageFolderDataset(tmp_path, "test")
 
 
@@ -32,7 +32,7 @@ def test_folder_split_tree(tmp_path):
     write_folder(tmp_path / "val", {"a": 1, "c": 2})  # b absent from val: allowed
     val = ImageFolderDataset(tmp_path, "val")
     assert val.classes == ["a", "b", "c"] and val.targets.tolist() == [0, 2, 2]
-    with pytest.raises(DataError, match="has split folders train, val/ but no test/"):
+    with pytest.raises(DataError, match=r"has split folders train, val/ but no test/"):
         ImageFolderDataset(tmp_path, "test")
     write_folder(tmp_path / "val", {"zebra": 1})
     with pytest.raises(DataError, match=r"val: class folder\(s\) zebra are not in .*train"):
@@ -59,9 +59,9 @@ def test_folder_structure_errors(tmp_path, layout, message):
 
 
 def test_folder_missing_root(tmp_path):
-    with pytest.raises(DataError, match="nope: image folder does not exist"):
+    with pytest.raises(DataError, match=r"nope: image folder does not exist"):
         ImageFolderDataset(tmp_path / "nope")
-    with pytest.raises(ConfigError, match="split='dev'"):
+    with pytest.raises(ConfigError, match=r"split='dev'"):
         ImageFolderDataset(tmp_path, "dev")
 
 
@@ -88,7 +88,7 @@ def _bad_files(folder):
 
 def test_bad_images_error_policy_names_each_file(tmp_path):
     bad = _bad_files(tmp_path)
-    with pytest.raises(DataError, match="zero.jpg: empty \\(zero-byte\\) file"):
+    with pytest.raises(DataError, match=r"zero.jpg: empty \(zero-byte\) file"):
         ImageFolderDataset(tmp_path)  # zero-byte files are found while listing
     (tmp_path / "bad" / "zero.jpg").unlink()
     del bad[str(tmp_path / "bad" / "zero.jpg")]
@@ -133,14 +133,14 @@ def test_decompression_bomb_refused_without_decoding(tmp_path, monkeypatch):
         load_image(path)
     assert decoded == []  # never decoded
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over 2x the limit Pillow itself refuses at open
-    with pytest.raises(DataError, match="bomb.png"):
+    with pytest.raises(DataError, match=r"bomb.png"):
         load_image(path)
     assert decoded == []
     monkeypatch.setattr(Image.Image, "load", original_load)
     ds = ImageFolderDataset(tmp_path, bad_images="skip")
     assert type(ds[0]).__name__ == "Skipped" and "decompression bomb" in ds[0].reason
     assert ds[1][0].size == (8, 8)
-    with pytest.raises(DataError, match="bomb.png"):
+    with pytest.raises(DataError, match=r"bomb.png"):
         ImageFolderDataset(tmp_path)[0]
 
 
@@ -203,5 +203,15 @@ def test_grayscale_folder_dataset(tmp_path):
     tf = large_eval_transform([0.5], [0.5], crop=8, scale=10)
     x, _ = next(iter(build_loader(ds, tf, batch_size=4, shuffle=False)))
     assert x.shape == (4, 1, 8, 8)
-    with pytest.raises(ConfigError, match="mode='CMYK'"):
+    with pytest.raises(ConfigError, match=r"mode='CMYK'"):
         ImageFolderDataset(tmp_path, mode="CMYK")
+
+
+def test_path_table_round_trips_any_name(tmp_path):
+    from coarse2fine.data.base import PathTable
+
+    names = [str(tmp_path / "a.png"), "/x/ünïcödé/猫.jpg", "rel/b.png", ""]
+    table = PathTable(names)
+    assert len(table) == 4 and list(table) == names and table[-3] == names[1]
+    with pytest.raises(IndexError):
+        table[4]

@@ -4,6 +4,7 @@ learning-rate schedules."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, recall_score, top_k_accuracy_score
-from test_engine_helpers import TinyNet
 
 from coarse2fine.config import OptimConfig, ScheduleConfig
 from coarse2fine.engine import (
@@ -26,6 +26,7 @@ from coarse2fine.engine import (
     save_eval_artifacts,
 )
 from coarse2fine.errors import ConfigError
+from test_engine_helpers import TinyNet
 
 C = 7
 
@@ -96,7 +97,10 @@ def test_save_eval_artifacts(tmp_path: Path) -> None:
     img = matplotlib.image.imread(paths["confusion_png"])
     assert img.ndim == 3 and img.shape[0] > 100
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
-        "test_confusion.npy", "test_confusion.png", "test_metrics.json"]
+        "test_confusion.npy",
+        "test_confusion.png",
+        "test_metrics.json",
+    ]
 
 
 # ---- optimizers ----------------------------------------------------------------------------------
@@ -115,7 +119,11 @@ def test_optimizer_has_no_weight_decay_on_bias_and_norm() -> None:
     opt = build_optimizer(groups, OptimConfig(name="adamw", lr=0.1, weight_decay=0.05))
     assert isinstance(opt, torch.optim.AdamW)
     assert sorted((g.get("lr"), g["weight_decay"]) for g in opt.param_groups) == [
-        (0.1, 0.0), (0.1, 0.05), (0.5, 0.0), (0.5, 0.05)]
+        (0.1, 0.0),
+        (0.1, 0.05),
+        (0.5, 0.0),
+        (0.5, 0.05),
+    ]
     with pytest.raises(ConfigError, match="'lamb'"):
         build_optimizer(model, OptimConfig(name="lamb"))
 
@@ -155,7 +163,7 @@ def test_cosine_with_linear_warmup() -> None:
     lrs = _run_steps(build_scheduler(_opt(0.1), cfg, steps_per_epoch=10, epochs=2), 20)
     assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
     assert lrs[4 + 8] == pytest.approx(0.001 + (0.1 - 0.001) * 0.5)  # half-way through the decay
-    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[4:]))
     assert lrs[-1] == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
     # warm-up given in epochs: half an epoch of 10 steps = 5 steps
     cfg = ScheduleConfig(name="cosine", warmup_epochs=0.5)

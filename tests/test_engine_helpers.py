@@ -22,6 +22,7 @@ from coarse2fine.engine import distributed as du
 
 CLASSES = ["north_west", "north_east", "south_west", "south_east"]
 SIZE = 8
+STEPS_PER_EPOCH = 8  # make_loaders(): 256 training samples / batch 32
 
 
 class TinyDataset:
@@ -131,8 +132,15 @@ def make_loaders(
     batch_size: int = 32, rank: int = 0, world_size: int = 1, n_train: int = 256, n_val: int = 64, **kw: Any
 ) -> tuple[TinyLoader, TinyLoader]:
     train = TinyLoader(TinyDataset(n_train, seed=1), batch_size, rank=rank, world_size=world_size, **kw)
-    val = TinyLoader(TinyDataset(n_val, seed=2), 16, shuffle=False, drop_last=False, rank=rank,
-                     world_size=world_size, pad_shards=False)
+    val = TinyLoader(
+        TinyDataset(n_val, seed=2),
+        16,
+        shuffle=False,
+        drop_last=False,
+        rank=rank,
+        world_size=world_size,
+        pad_shards=False,
+    )
     return train, val
 
 
@@ -141,13 +149,34 @@ def make_model(heads: bool = False) -> TinyNet:
     return TinyNet(heads=heads)
 
 
-def run(run_dir: Path, *, epochs: int = 3, resume: bool = False, batch_size: int = 32, rank: int = 0,
-        world_size: int = 1, on_batch: Callable[[int], None] | None = None, **train: Any) -> tuple[TinyNet, FitResult]:
+def run(
+    run_dir: Path,
+    *,
+    epochs: int = 3,
+    resume: bool = False,
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+    **train: Any,
+) -> tuple[TinyNet, FitResult]:
     model = make_model()
     tr, va = make_loaders(batch_size, rank, world_size, on_batch=on_batch)
     tcfg, ocfg, scfg = configs(epochs=epochs, **train)
-    result = fit(model, CrossEntropyObjective(), tr, va, train_cfg=tcfg, optim_cfg=ocfg, schedule_cfg=scfg,
-                 run_dir=run_dir, config_dict={"seed": 0}, classes=CLASSES, resume=resume, progress=False)
+    result = fit(
+        model,
+        CrossEntropyObjective(),
+        tr,
+        va,
+        train_cfg=tcfg,
+        optim_cfg=ocfg,
+        schedule_cfg=scfg,
+        run_dir=run_dir,
+        config_dict={"seed": 0},
+        classes=CLASSES,
+        resume=resume,
+        progress=False,
+    )
     return model, result
 
 
@@ -168,7 +197,7 @@ def _worker() -> int:
     ap.add_argument("--signal", default="SIGKILL")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    info = du.init_distributed()
+    info = du.init_distributed(device="cpu")
     on_batch = None
     if args.signal_at is not None:
         sig = getattr(signal, args.signal)
@@ -178,20 +207,41 @@ def _worker() -> int:
                 os.kill(os.getpid(), sig)
 
     try:
-        model, result = run(args.run_dir, epochs=args.epochs, resume=args.resume, batch_size=args.batch_size,
-                            rank=info.rank, world_size=info.world_size, on_batch=on_batch)
+        model, result = run(
+            args.run_dir,
+            epochs=args.epochs,
+            resume=args.resume,
+            batch_size=args.batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            on_batch=on_batch,
+        )
     except TrainingInterrupted as exc:
         print(f"error: {exc}", file=sys.stderr)
         du.cleanup()
         return 2
     # probabilities on an odd-sized split (uneven shards), gathered back into order on every rank
-    odd = TinyLoader(TinyDataset(61, seed=3), 8, shuffle=False, drop_last=False, rank=info.rank,
-                     world_size=info.world_size, pad_shards=False)
+    odd = TinyLoader(
+        TinyDataset(61, seed=3),
+        8,
+        shuffle=False,
+        drop_last=False,
+        rank=info.rank,
+        world_size=info.world_size,
+        pad_shards=False,
+    )
     probs, targets = predict_proba(model, odd, device="cpu")
     if args.out is not None:
         out = args.out.with_suffix(f".rank{info.rank}.pt")
-        torch.save({"model": model.state_dict(), "history": comparable(result.history),
-                    "probs": torch.from_numpy(probs), "targets": torch.from_numpy(targets)}, out)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "history": comparable(result.history),
+                "probs": torch.from_numpy(probs),
+                "targets": torch.from_numpy(targets),
+            },
+            out,
+        )
     du.cleanup()
     return 0
 

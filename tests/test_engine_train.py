@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine_helpers import CLASSES, comparable, configs, make_loaders, make_model, run
 
 from coarse2fine.engine import (
     CrossEntropyObjective,
@@ -25,9 +24,9 @@ from coarse2fine.engine import (
 )
 from coarse2fine.engine import checkpoint as ckpt_mod
 from coarse2fine.errors import CheckpointError
+from test_engine_helpers import CLASSES, STEPS_PER_EPOCH, comparable, configs, make_loaders, make_model, run
 
 HELPERS = Path(__file__).with_name("test_engine_helpers.py")
-STEPS_PER_EPOCH = 8  # 256 training samples / batch 32
 EPOCHS = 3
 
 
@@ -47,8 +46,9 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 def worker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(HELPERS), *args], capture_output=True, text=True, env=full_env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, str(HELPERS), *args], capture_output=True, text=True, env=full_env, timeout=120
+    )
 
 
 def test_fit_learns_separable_problem(reference: dict[str, Any]) -> None:
@@ -62,8 +62,18 @@ def test_fit_learns_separable_problem(reference: dict[str, Any]) -> None:
     run_dir = result.paths["run_dir"]
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    for col in ("epoch", "lr", "train_loss", "train_ce", "train_top1", "val_top1", "val_top5", "seconds",
-                "images_per_s", "skipped_steps"):
+    for col in (
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_ce",
+        "train_top1",
+        "val_top1",
+        "val_top5",
+        "seconds",
+        "images_per_s",
+        "skipped_steps",
+    ):
         assert col in header
     assert len(rows) == 1 + EPOCHS
     last = load_checkpoint(result.paths["last"])
@@ -80,8 +90,19 @@ def test_dict_outputs_report_head_accuracy(tmp_path: Path) -> None:
     model = make_model(heads=True)
     tr, va = make_loaders()
     tcfg, ocfg, scfg = configs(epochs=1, keep_checkpoints=0)
-    result = fit(model, CrossEntropyObjective(), tr, va, train_cfg=tcfg, optim_cfg=ocfg, schedule_cfg=scfg,
-                 run_dir=tmp_path, config_dict={}, classes=CLASSES, progress=False)
+    result = fit(
+        model,
+        CrossEntropyObjective(),
+        tr,
+        va,
+        train_cfg=tcfg,
+        optim_cfg=ocfg,
+        schedule_cfg=scfg,
+        run_dir=tmp_path,
+        config_dict={},
+        classes=CLASSES,
+        progress=False,
+    )
     assert "val_aux_top1" in result.history[0]
     assert not list((tmp_path / "checkpoints").glob("epoch_*.pt"))
 
@@ -121,8 +142,7 @@ def test_sigkill_at_random_step_then_resume_matches(
 
 def test_sigterm_writes_checkpoint_and_exits_with_resume_message(tmp_path: Path, reference: dict[str, Any]) -> None:
     step = STEPS_PER_EPOCH + 3  # during epoch 2
-    proc = worker("--run-dir", str(tmp_path), "--epochs", str(EPOCHS), "--signal-at", str(step),
-                  "--signal", "SIGTERM")
+    proc = worker("--run-dir", str(tmp_path), "--epochs", str(EPOCHS), "--signal-at", str(step), "--signal", "SIGTERM")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "SIGTERM" in proc.stderr and "resume" in proc.stderr and "Traceback" not in proc.stderr
     marker = json.loads((tmp_path / "checkpoints" / "interrupted.json").read_text())
@@ -153,8 +173,19 @@ def _fit_nan(run_dir: Path, policy: str, at: int) -> Any:
     model = make_model()
     tr, va = make_loaders()
     tcfg, ocfg, scfg = configs(epochs=EPOCHS, nan_policy=policy)
-    result = fit(model, NaNAt(at), tr, va, train_cfg=tcfg, optim_cfg=ocfg, schedule_cfg=scfg, run_dir=run_dir,
-                 config_dict={}, classes=CLASSES, progress=False)
+    result = fit(
+        model,
+        NaNAt(at),
+        tr,
+        va,
+        train_cfg=tcfg,
+        optim_cfg=ocfg,
+        schedule_cfg=scfg,
+        run_dir=run_dir,
+        config_dict={},
+        classes=CLASSES,
+        progress=False,
+    )
     return model, result
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
 from torch import Tensor, nn
 
 from coarse2fine.models.base import Backbone, StageInfo
@@ -32,3 +37,20 @@ class TinyBlock(Backbone):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head[-1] = nn.Linear(self.head[-1].in_features, num_classes)
+
+
+def write_fashion_mnist(root: Path, n_train: int = 300, n_test: int = 100, seed: int = 0) -> Path:
+    """Tiny Fashion-MNIST in the real format (four gzipped IDX files); class j is a bright bar at row 2j."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, y in enumerate(labels):
+            images[i, 2 * y + 3 : 2 * y + 6, 4:24] = 255
+        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return root

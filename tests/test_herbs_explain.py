@@ -68,3 +68,11 @@ def test_load_image(tmp_path) -> None:
         load_image(tmp_path / "bad.jpg", in_chans=3, size=32, scale=None, mean=[0.5] * 3, std=[0.5] * 3)
     with pytest.raises(DataError, match=r"missing\.png"):
         load_image(tmp_path / "missing.png", in_chans=3, size=32, scale=None, mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def test_cli_explain_missing_checkpoint(tmp_path, capsys) -> None:
+    from coarse2fine.cli import main
+
+    code = main(["explain", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "none.pt")])
+    assert code == 2
+    assert "none.pt" in capsys.readouterr().err

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from coarse2fine import build as B
 from coarse2fine.config import RunConfig, to_dict
 from coarse2fine.engine import EvalResult, evaluate, fit, save_eval_artifacts
 from coarse2fine.engine import distributed as du
-from coarse2fine.engine.checkpoint import atomic_write_json
+from coarse2fine.engine.checkpoint import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -49,6 +50,12 @@ def _skipped(*datasets: Any) -> list[str]:
     return out
 
 
+def save_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
+    """``run_dir/config.yaml``: the recipe with every default and override filled in."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
 def apply_threads(cfg: RunConfig) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -71,6 +78,9 @@ def train_run(
     metadata = bundle.metadata()
     model, objective = B.build_model_and_objective(cfg, len(bundle.classes), metadata)
     run_dir = cfg.run_dir
+    existing = (Path(run_dir) / "checkpoints" / "last.pt").exists()
+    if du.is_main_process() and (resume or overwrite or not existing):  # else fit refuses; keep the old config
+        save_resolved_config(cfg, run_dir)
     result = fit(
         model,
         objective,

@@ -40,37 +40,47 @@ def _find_stats(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def eval_scale(train_scale: list[int] | None, test_scale: int | None, size: int) -> int:
+    """The evaluation resize Q of a file dataset, as ``data.build_transforms`` chooses it."""
+    if test_scale is not None:
+        return test_scale
+    scale = list(train_scale) if train_scale else [round(size * 256 / 224)]
+    return scale[0] if len(scale) == 1 else (scale[0] + scale[-1]) // 2
+
+
 def run_explain(args: argparse.Namespace) -> int:
     import torch
 
     from coarse2fine.herbs.explain import explain_image, load_image
 
+    if not Path(args.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint {args.checkpoint!r} does not exist")
     try:
         from coarse2fine.build import load_trained
     except ImportError as exc:  # the integration layer is missing from this installation
         raise C2FError(f"c2f explain needs coarse2fine.build.load_trained: {exc}") from exc
-
-    if not Path(args.checkpoint).is_file():
-        raise CheckpointError(f"checkpoint {args.checkpoint!r} does not exist")
     trained = load_trained(args.checkpoint)
     model, cfg = trained.model, trained.cfg
     if not hasattr(model, "explain"):
         raise CheckpointError(
-            f"checkpoint {args.checkpoint!r} holds a {cfg.method!r} model; c2f explain needs herbs"
+            f"checkpoint {args.checkpoint!r} holds a {cfg.method!r} model; c2f explain needs method herbs"
         )
     model.to(torch.device(args.device)).eval()
     c, h, _ = model.input_size
+    md = trained.checkpoint.get("metadata") or {}
     stats = _find_stats(trained.checkpoint)
     if stats is None:
         log.warning("no normalisation statistics in %s; using mean 0.5, std 0.5", args.checkpoint)
         stats = {"mean": [0.5] * c, "std": [0.5] * c}
+    size = int(md.get("image_size") or cfg.data.image_size or h)
+    scale = None if md.get("in_memory") else eval_scale(cfg.data.train_scale, cfg.data.test_scale, size)
     out_dir = Path(args.out)
     for image_path in args.images:
         image, shown = load_image(
             image_path,
             in_chans=c,
-            size=cfg.data.image_size or h,
-            scale=cfg.data.test_scale,
+            size=size,
+            scale=scale,
             mean=stats["mean"],
             std=stats["std"],
         )

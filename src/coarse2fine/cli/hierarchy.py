@@ -71,6 +71,12 @@ def register(subparsers: Any) -> None:
     c.add_argument("--out", default=None, help="compressed checkpoint (default: <checkpoint>_pq.pt beside it)")
     c.add_argument("--eval", action="store_true", help="test-split accuracy before and after")
     c.add_argument("--seed", type=int, default=0, help="k-means seed")
+    c.add_argument(
+        "--backend",
+        choices=("sklearn", "torch"),
+        default="sklearn",
+        help="k-means: scikit-learn per segment, or batched torch (fast for big layers, uses the GPU)",
+    )
     _add_common(c)
     c.set_defaults(func=run_compress)
 
@@ -285,7 +291,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.eval:
         _, loaders = _data(cfg, classes, args.checkpoint)
         test_accuracy("before")
-    report = compress_model(model, spec, seed=args.seed)
+    report = compress_model(model, spec, seed=args.seed, backend=args.backend, device=device)
     if args.eval:
         test_accuracy("after")
     print(report.table())

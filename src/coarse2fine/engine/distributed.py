@@ -42,10 +42,12 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+def init_distributed(backend: str | None = None, *, device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group described by torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_*`` env vars.
 
     A no-op (returns rank 0 of 1) when the environment names a single process. Idempotent.
+    Backend: ``backend``, else ``$C2F_DIST_BACKEND``, else ``gloo`` when ``device`` (``train.device``)
+    is ``cpu`` or CUDA is missing, else ``nccl``.
     """
     if is_initialized():
         return DistInfo(rank(), world_size(), local_rank(), dist.get_backend())
@@ -58,8 +60,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
             f"WORLD_SIZE={size} but {', '.join(missing)} not set: launch with torchrun (docs/DISTRIBUTED.md)"
         )
     local = _env_int("LOCAL_RANK", 0)
+    backend = backend or os.environ.get("C2F_DIST_BACKEND") or None
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_cpu = device is not None and str(device).startswith("cpu")
+        backend = "nccl" if torch.cuda.is_available() and not on_cpu else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
     dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))

@@ -48,9 +48,7 @@ def _check_sk(m: int, s: int, k: int, where: str = "") -> int:
     if not isinstance(s, int) or s < 1:
         raise ModelError(f"product quantisation{at}: segment width s must be a positive integer, got {s!r}")
     if not isinstance(k, int) or k < 1:
-        raise ModelError(
-            f"product quantisation{at}: number of centres k must be a positive integer, got {k!r}"
-        )
+        raise ModelError(f"product quantisation{at}: number of centres k must be a positive integer, got {k!r}")
     if k > MAX_K:
         raise ModelError(f"product quantisation{at}: k={k} does not fit uint8 codes (at most {MAX_K})")
     if k > m:
@@ -65,14 +63,31 @@ def _as_matrix(W: Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(w.shape[0], -1), dtype=np.float32)
 
 
+BACKENDS = ("sklearn", "torch")
+
+
 def product_quantize(
-    W: Tensor | np.ndarray, s: int, k: int, seed: int = 0, *, n_init: int = 1, max_iter: int = 100
+    W: Tensor | np.ndarray,
+    s: int,
+    k: int,
+    seed: int = 0,
+    *,
+    n_init: int = 1,
+    max_iter: int = 100,
+    backend: str = "sklearn",
+    device: str | torch.device | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Quantise ``W`` (m x n, or a conv weight, flattened to ``out x in*kh*kw``).
 
     Returns ``codes`` uint8 ``(m, ceil(n/s))`` and ``centers`` float32 ``(ceil(n/s), k', s)`` with
     ``k' = min(k, m)``. A segment with at most ``k'`` distinct rows is stored exactly.
+    ``backend="sklearn"`` (default): scikit-learn ``KMeans`` per segment (k-means++, ``n_init``).
+    ``backend="torch"``: the same Lloyd iterations from a k-means++ start, run for many segments at
+    once as batched tensor operations on ``device`` (default: the weight's) -- for layers with
+    thousands of segments (VGG fc6: 1792), where one scikit-learn fit per segment is slow.
     """
+    if backend not in BACKENDS:
+        raise ModelError(f"product quantisation: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     w = _as_matrix(W)
     m, n = w.shape
     k_eff = _check_sk(m, s, k)
@@ -82,13 +97,73 @@ def product_quantize(
         w = np.pad(w, ((0, 0), (0, segs * s - n)))
     codes = np.empty((m, segs), dtype=np.uint8)
     centers = np.zeros((segs, k_eff, s), dtype=np.float32)
+    if backend == "torch":
+        dev = torch.device(device) if device is not None else (W.device if isinstance(W, Tensor) else None)
+        _kmeans_torch(w, s, k_eff, seed, max_iter, codes, centers, dev or torch.device("cpu"))
+        return torch.from_numpy(codes), torch.from_numpy(centers)
     with threadpool_limits(limits=1), warnings.catch_warnings():  # one small k-means per segment
         warnings.simplefilter("ignore", ConvergenceWarning)
         for g in range(segs):
-            _quantize_segment(
-                w[:, g * s : (g + 1) * s], k_eff, seed + g, codes[:, g], centers[g], n_init, max_iter
-            )
+            _quantize_segment(w[:, g * s : (g + 1) * s], k_eff, seed + g, codes[:, g], centers[g], n_init, max_iter)
     return torch.from_numpy(codes), torch.from_numpy(centers)
+
+
+def _kmeans_torch(
+    w: np.ndarray,
+    s: int,
+    k: int,
+    seed: int,
+    max_iter: int,
+    codes: np.ndarray,
+    centers: np.ndarray,
+    device: torch.device,
+) -> None:
+    """Batched k-means (k-means++ start, Lloyd steps) over segment chunks; writes codes / centres.
+
+    An emptied cluster keeps its previous centre. Segments with at most ``k`` distinct rows are
+    stored exactly afterwards (as with the scikit-learn backend).
+    """
+    m = w.shape[0]
+    segs = centers.shape[0]
+    x_all = torch.from_numpy(w).to(device).view(m, segs, s).permute(1, 0, 2).contiguous()  # (G, m, s)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    chunk = max(1, (1 << 26) // max(m * k, 1))  # bound the (chunk, m, k) distance tensor
+    for start in range(0, segs, chunk):
+        x = x_all[start : start + chunk]
+        g = x.shape[0]
+        rows = torch.arange(g, device=device)
+        # k-means++ start
+        first = torch.randint(0, m, (g,), device=device, generator=gen)
+        c = torch.empty(g, k, s, device=device)
+        c[:, 0] = x[rows, first]
+        d2 = (x - c[:, :1]).pow(2).sum(-1)  # (g, m)
+        for j in range(1, k):
+            pick = torch.multinomial(d2 + 1e-12, 1, generator=gen).squeeze(1)
+            c[:, j] = x[rows, pick]
+            d2 = torch.minimum(d2, (x - c[:, j : j + 1]).pow(2).sum(-1))
+        assign = torch.full((g, m), -1, dtype=torch.long, device=device)
+        for _ in range(max_iter):
+            new = torch.cdist(x, c).argmin(-1)  # (g, m)
+            if torch.equal(new, assign):
+                break
+            assign = new
+            sums = torch.zeros_like(c).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, s), x)
+            counts = torch.zeros(g, k, device=device).scatter_add_(1, assign, torch.ones_like(x[..., 0]))
+            c = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), c)
+        assign = torch.cdist(x, c).argmin(-1)
+        codes[:, start : start + g] = assign.T.to(torch.uint8).cpu().numpy()
+        centers[start : start + g] = c.cpu().numpy()
+        # distinct rows per segment, from a random projection (collisions only undercount): segments
+        # that may have at most k distinct rows are checked exactly and stored exactly
+        proj = (x.double() @ torch.randn(s, 1, device=device, dtype=torch.float64, generator=gen)).squeeze(-1)
+        distinct = 1 + (proj.sort(dim=1).values.diff(dim=1) != 0).sum(1)
+        for gi in (torch.nonzero(distinct <= k).flatten() + start).tolist():
+            block = w[:, gi * s : (gi + 1) * s]
+            uniq, inverse = np.unique(block, axis=0, return_inverse=True)
+            if uniq.shape[0] <= k:
+                centers[gi, : uniq.shape[0]] = uniq
+                centers[gi, uniq.shape[0] :] = uniq[-1]
+                codes[:, gi] = inverse.reshape(-1)
 
 
 def _quantize_segment(
@@ -177,10 +252,7 @@ class _PQMixin(nn.Module):
 
     @property
     def compressed_bytes(self) -> int:
-        return (
-            self.codes.numel() * self.codes.element_size()
-            + self.centers.numel() * self.centers.element_size()
-        )
+        return self.codes.numel() * self.codes.element_size() + self.centers.numel() * self.centers.element_size()
 
 
 class PQLinear(_PQMixin):
@@ -197,9 +269,7 @@ class PQLinear(_PQMixin):
         return self.weight_matrix()
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(
-            x, self.weight_matrix().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
-        )
+        return F.linear(x, self.weight_matrix().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}, k={self.k}"
@@ -391,9 +461,17 @@ def _empty_pq(mod: nn.Module, s: int, k: int) -> _PQMixin:
     raise ModelError(f"compression: {type(mod).__name__} is not Linear or Conv2d")
 
 
-def compress_model(model: nn.Module, spec: Spec | str | None = "auto", *, seed: int = 0) -> CompressionReport:
+def compress_model(
+    model: nn.Module,
+    spec: Spec | str | None = "auto",
+    *,
+    seed: int = 0,
+    backend: str = "sklearn",
+    device: str | torch.device | None = None,
+) -> CompressionReport:
     """Replace the layers named in ``spec`` (``{name: (s, k)}``, or ``"auto"`` = :func:`auto_spec`) by
     :class:`PQLinear` / :class:`PQConv2d` in place and report sizes and reconstruction errors.
+    ``backend`` / ``device``: the k-means implementation (see :func:`product_quantize`).
     """
     layers = _resolve_spec(model, spec)
     if not layers:
@@ -404,7 +482,7 @@ def compress_model(model: nn.Module, spec: Spec | str | None = "auto", *, seed: 
         mod = modules[name]
         weight = mod.weight.detach()
         m, n = _layer_dims(mod)
-        codes, centers = product_quantize(weight, s, k, seed)
+        codes, centers = product_quantize(weight, s, k, seed, backend=backend, device=device)
         new = _empty_pq(mod, s, k)
         new.set_quantized(codes, centers)
         if mod.bias is not None:
@@ -434,9 +512,7 @@ def compress_model(model: nn.Module, spec: Spec | str | None = "auto", *, seed: 
     return report
 
 
-def apply_compression_structure(
-    model: nn.Module, report_or_spec: CompressionReport | Mapping[str, Any]
-) -> nn.Module:
+def apply_compression_structure(model: nn.Module, report_or_spec: CompressionReport | Mapping[str, Any]) -> nn.Module:
     """Swap the named layers of a freshly built (uncompressed) ``model`` for empty PQ layers of the
     same geometry, so that a compressed ``state_dict`` (uint8 codes) loads into it.
 

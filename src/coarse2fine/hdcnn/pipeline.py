@@ -42,7 +42,7 @@ from coarse2fine.engine.objective import CrossEntropyObjective
 from coarse2fine.engine.trainer import fit
 from coarse2fine.errors import CheckpointError, ConfigError, HierarchyError
 from coarse2fine.hdcnn.evaluation import inference_pass, peak_memory_bytes, plot_tradeoff
-from coarse2fine.hdcnn.model import HDCNN
+from coarse2fine.hdcnn.model import HDCNN, split_block
 from coarse2fine.hdcnn.objective import HDCNNObjective
 from coarse2fine.hierarchy import (
     Hierarchy,
@@ -286,6 +286,7 @@ def stage_block(
     """Stage 1: the trained building block (weights loaded) and where it came from."""
     classes = list(bundle.classes)
     block = _create_block(cfg, len(classes), _in_chans(bundle))
+    split_block(block, cfg.hdcnn.branch_stage)  # a wrong branch stage fails before any training
     source = cfg.hdcnn.block_checkpoint or (str(paths.block) if resume and paths.block.is_file() else None)
     if source is not None:
         ckpt = load_checkpoint(source)

@@ -1,0 +1,24 @@
+"""Building blocks: VGG (SPEC §1), Network-in-Network (SPEC §2.4) and any timm model, as Backbones."""
+
+from coarse2fine.models.base import Backbone, StageInfo
+from coarse2fine.models.factory import create_model, list_models, load_pretrained_file, model_summary
+from coarse2fine.models.nin import NIN
+from coarse2fine.models.timm_backbone import TimmBackbone
+from coarse2fine.models.utils import reset_last_layer
+from coarse2fine.models.vgg import VGG, DenseVGG, init_from_shallower, init_weights
+
+__all__ = [
+    "NIN",
+    "VGG",
+    "Backbone",
+    "DenseVGG",
+    "StageInfo",
+    "TimmBackbone",
+    "create_model",
+    "init_from_shallower",
+    "init_weights",
+    "list_models",
+    "load_pretrained_file",
+    "model_summary",
+    "reset_last_layer",
+]

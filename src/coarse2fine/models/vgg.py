@@ -1,0 +1,352 @@
+"""VGG building blocks (SPEC §1): configurations A, A-LRN, B, C, D, E and small-input variants.
+
+Each network is five (or, small variants, three to five) stages of 3x3 convolutions, each stage
+ending with its 2x2 max-pool, then an FC head sized to the final map at the default input size
+(no adaptive pool). ``to_dense()`` gives the fully convolutional copy used by the dense test
+protocol; ``init_from_shallower`` copies a trained configuration A into a deeper net.
+
+Parameters and forward FLOPs (``model_summary``, FlopCounterMode: 2 per multiply-add, convolutions
+and matmuls only), 1000 classes at 3x224x224 for the paper nets, 10 classes at 1x28x28 (Fashion-MNIST)
+and 3x32x32 (CIFAR) for the small ones:
+
+| name | input | params | GFLOPs |
+|---|---|---|---|
+| vgg11 (A) | 3x224x224 | 132,863,336 | 15.21 |
+| vgg11_lrn (A-LRN) | 3x224x224 | 132,863,336 | 15.21 |
+| vgg13 (B) | 3x224x224 | 133,047,848 | 22.64 |
+| vgg16_c (C) | 3x224x224 | 133,638,248 | 24.06 |
+| vgg16 (D) | 3x224x224 | 138,357,544 | 30.95 |
+| vgg19 (E) | 3x224x224 | 143,667,240 | 39.27 |
+
+| name | input | params | MFLOPs | layout (``M`` = max-pool) |
+|---|---|---|---|---|
+| vgg_small_bn | 1x28x28 | 385,938 | 33.3 | 24 24 M 48 48 M 96 96 M, FC-256, FC-C |
+| vgg_small_bn | 3x32x32 | 439,986 | 43.9 | same, final map 4x4 |
+| vgg16_small_bn | 1x28x28 | 7,354,826 | 298.1 | 64 64 M 128 128 M 256x3 M 512x3 M 512x3 (no 5th pool), FC-512, FC-C |
+| vgg16_small_bn | 3x32x32 | 7,878,602 | 627.6 | same, final map 2x2 |
+
+``_bn`` variants add BatchNorm after every convolution (parameter counts above are the plain
+nets; BN adds 2 per channel). The ``vgg_small`` / ``vgg16_small`` names are the same nets without BN.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from coarse2fine.errors import ModelError
+from coarse2fine.models.base import Backbone, StageInfo
+from coarse2fine.models.utils import split_sequence
+
+# A stage is a list of convolutions: ``c`` is a 3x3 conv with c outputs, ``(c, 1)`` a 1x1 conv.
+ConvSpec = int | tuple[int, int]
+StageSpec = Sequence[ConvSpec]
+
+_PAPER_CFGS: dict[str, list[list[ConvSpec]]] = {
+    "A": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "B": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "C": [[64, 64], [128, 128], [256, 256, (256, 1)], [512, 512, (512, 1)], [512, 512, (512, 1)]],
+    "D": [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3],
+    "E": [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4],
+}
+
+INITS = ("paper", "glorot", "kaiming")
+
+
+def _conv_spec(spec: ConvSpec) -> tuple[int, int]:
+    return (spec, 3) if isinstance(spec, int) else (int(spec[0]), int(spec[1]))
+
+
+def _make_stage(in_chans: int, convs: StageSpec, batch_norm: bool, lrn: bool, pool: bool) -> nn.Sequential:
+    """``conv{i}[, bn{i}], relu{i}`` for each conv (``lrn`` after the first), then ``pool``."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    c = in_chans
+    for i, spec in enumerate(convs, 1):
+        out, k = _conv_spec(spec)
+        layers[f"conv{i}"] = nn.Conv2d(c, out, k, padding=k // 2)
+        if batch_norm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(out)
+        layers[f"relu{i}"] = nn.ReLU(inplace=True)
+        if lrn and i == 1:
+            layers["lrn"] = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+        c = out
+    if pool:
+        layers["pool"] = nn.MaxPool2d(2, 2)
+    return nn.Sequential(layers)
+
+
+class VGGHead(nn.Module):
+    """Flatten, then ``fc1, relu1, drop1, ..., fc{n}``: FC-hidden x (len) then FC-num_classes."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.hidden = tuple(hidden)
+        self.dropout = dropout
+        self.flatten = nn.Flatten(1)
+        c = in_features
+        for i, h in enumerate(self.hidden, 1):
+            self.add_module(f"fc{i}", nn.Linear(c, h))
+            self.add_module(f"relu{i}", nn.ReLU(inplace=True))
+            self.add_module(f"drop{i}", nn.Dropout(dropout))
+            c = h
+        self.add_module(f"fc{len(self.hidden) + 1}", nn.Linear(c, num_classes))
+
+    @property
+    def fcs(self) -> list[nn.Linear]:
+        return [m for m in self.children() if isinstance(m, nn.Linear)]
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.fcs[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        last = self.classifier
+        name = f"fc{len(self.hidden) + 1}"
+        new = nn.Linear(last.in_features, num_classes)
+        nn.init.normal_(new.weight, 0.0, 0.01)
+        nn.init.zeros_(new.bias)
+        setattr(self, name, new.to(last.weight.device, last.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for module in self.children():
+            x = module(x)
+        return x
+
+
+class VGG(Backbone):
+    """VGG network from a list of stages (SPEC §1).
+
+    Args:
+        stages: per stage, its convolutions (``c`` 3x3, ``(c, 1)`` 1x1).
+        num_classes, in_chans: classifier outputs and image channels.
+        input_size: (H, W) or side the head is sized for (the final map is flattened into FC1).
+        batch_norm: BatchNorm after every convolution.
+        lrn: LocalResponseNorm(5, 1e-4, 0.75, 2) after the first convolution (A-LRN).
+        hidden: widths of the hidden FC layers (paper: 4096, 4096).
+        dropout: dropout after each hidden FC layer.
+        pools: per stage, whether it ends with a 2x2 max-pool (default: all).
+        init: ``paper`` N(0, 1e-2) / ``glorot`` / ``kaiming``; default kaiming with BN, glorot without.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[StageSpec],
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        input_size: int | Sequence[int] = 224,
+        batch_norm: bool = False,
+        lrn: bool = False,
+        hidden: Sequence[int] = (4096, 4096),
+        dropout: float = 0.5,
+        pools: Sequence[bool] | None = None,
+        init: str | None = None,
+    ) -> None:
+        super().__init__()
+        h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        pools = [True] * len(stages) if pools is None else list(pools)
+        if len(pools) != len(stages):
+            raise ModelError(f"VGG: {len(pools)} pool flags for {len(stages)} stages")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.default_input_size = (in_chans, h, w)
+        self.batch_norm = batch_norm
+        self.num_stages = len(stages)
+        info: list[StageInfo] = []
+        c, reduction = in_chans, 1
+        for i, (convs, pool) in enumerate(zip(stages, pools), 1):
+            self.add_module(f"stage{i}", _make_stage(c, convs, batch_norm, lrn and i == 1, pool))
+            c = _conv_spec(convs[-1])[0]
+            if pool:
+                reduction *= 2
+                h, w = h // 2, w // 2
+            info.append(StageInfo(f"stage{i}", c, reduction, f"stage{i}"))
+        if h < 1 or w < 1:
+            raise ModelError(f"VGG: input size {input_size} is too small for {sum(pools)} max-pools")
+        self.feature_info = info
+        self.final_map = (c, h, w)
+        self.head = VGGHead(c * h * w, hidden, num_classes, dropout)
+        self.classifier_name = f"head.fc{len(self.head.hidden) + 1}"
+        self.init = init or ("kaiming" if batch_norm else "glorot")
+        init_weights(self, self.init)
+
+    def sequence(self) -> list[tuple[str, nn.Module]]:
+        seq = [(f"stage{i}", getattr(self, f"stage{i}")) for i in range(1, self.num_stages + 1)]
+        return [*seq, ("head", self.head)]
+
+    def split(self, stage: str) -> tuple[nn.Sequential, nn.Sequential]:
+        return split_sequence(self, stage)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"stage{i}")(x)
+        return x
+
+    def forward_head(self, feats: Tensor) -> Tensor:
+        if tuple(feats.shape[1:]) != self.final_map:
+            raise ModelError(
+                f"VGG head expects a final map of {self.final_map} (input {self.default_input_size}); got "
+                f"{tuple(feats.shape[1:])}: build with input_size=... or use to_dense() for other sizes"
+            )
+        return self.head(feats)
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        outs = []
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"stage{i}")(x)
+            outs.append(x)
+        return outs
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.head.reset_classifier(num_classes)
+        self.num_classes = num_classes
+
+    def to_dense(self) -> DenseVGG:
+        """Fully convolutional copy (SPEC §1 dense testing): FC1 -> conv with the final-map kernel."""
+        return DenseVGG(self)
+
+
+class DenseVGG(nn.Module):
+    """VGG with its FC layers run as convolutions; returns a class-score map (B, C, h, w).
+
+    Runs on any input whose final map is at least the training one (``min_input_size``); at the
+    training size the map is 1x1 and equals the FC logits.
+    """
+
+    def __init__(self, vgg: VGG) -> None:
+        super().__init__()
+        self.stages = nn.Sequential(
+            OrderedDict((name, copy.deepcopy(m)) for name, m in vgg.sequence()[:-1])
+        )
+        c, h, w = vgg.final_map
+        self.kernel = (h, w)
+        self.num_classes = vgg.num_classes
+        self.default_input_size = vgg.default_input_size
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        in_c = c
+        fcs = vgg.head.fcs
+        for i, fc in enumerate(fcs, 1):
+            k = (h, w) if i == 1 else (1, 1)
+            conv = nn.Conv2d(in_c, fc.out_features, k)
+            with torch.no_grad():
+                conv.weight.copy_(fc.weight.reshape(fc.out_features, in_c, *k))
+                conv.bias.copy_(fc.bias)
+            layers[f"fc{i}"] = conv.to(fc.weight.device, fc.weight.dtype)
+            if i < len(fcs):
+                layers[f"relu{i}"] = nn.ReLU(inplace=True)
+                layers[f"drop{i}"] = nn.Dropout(vgg.head.dropout)
+            in_c = fc.out_features
+        self.head = nn.Sequential(layers)
+        reduction = vgg.feature_info[-1].reduction
+        self.min_input_size = (h * reduction, w * reduction)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2] < self.min_input_size[0] or x.shape[-1] < self.min_input_size[1]:
+            raise ModelError(
+                f"dense VGG needs inputs of at least {self.min_input_size} (H, W); got {tuple(x.shape[-2:])}"
+            )
+        return self.head(self.stages(x))
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """SPEC §1 initialisation: ``paper`` N(0, variance 1e-2) and zero bias; ``glorot``; ``kaiming``."""
+    if scheme not in INITS:
+        raise ModelError(f"unknown init {scheme!r}; valid: {', '.join(INITS)}")
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if scheme == "paper":
+                nn.init.normal_(m.weight, 0.0, 0.1)
+            elif scheme == "glorot":
+                nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _conv_names(model_sd: Mapping[str, Any]) -> list[str]:
+    """``stageS.convI`` prefixes of the conv layers, in network order."""
+    names = [k[: -len(".weight")] for k in model_sd if k.startswith("stage") and ".conv" in k and k.endswith(".weight")]
+    return sorted(names, key=lambda n: (int(n.split(".")[0][5:]), int(n.split(".")[1][4:])))
+
+
+@torch.no_grad()
+def init_from_shallower(model: VGG, state_dict: Mapping[str, Tensor], num_convs: int = 4) -> list[str]:
+    """Copy the first ``num_convs`` convs and all FC layers of a trained net (SPEC §1: from A).
+
+    Layers are matched by name (``stage3.conv2`` of A goes to ``stage3.conv2`` of D), so A's first
+    four convs land on the first conv of stages 1-2 and the first two of stage 3. Returns the names
+    of the copied tensors; a missing layer or a shape mismatch raises ModelError naming it.
+    """
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    target = model.state_dict()
+    names = _conv_names(sd)[:num_convs] + [f"head.fc{i}" for i in range(1, len(model.head.fcs) + 1)]
+    pairs = [(f"{n}.{p}", f"{n}.{p}") for n in names for p in ("weight", "bias")]
+    for src, dst in pairs:
+        if src not in sd:
+            raise ModelError(f"init_from: the source state dict has no {src!r} (is it a VGG?)")
+        if dst not in target:
+            raise ModelError(f"init_from: the model has no layer {dst!r} to receive {src!r}")
+        if tuple(sd[src].shape) != tuple(target[dst].shape):
+            raise ModelError(
+                f"init_from: shape of {src!r} is {tuple(sd[src].shape)} in the source but "
+                f"{tuple(target[dst].shape)} in the model"
+            )
+    for src, dst in pairs:
+        target[dst].copy_(sd[src])
+    return [dst for _, dst in pairs]
+
+
+# ---- registry ------------------------------------------------------------------------------------
+
+_SMALL = [[24, 24], [48, 48], [96, 96]]
+_SMALL16 = [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3]
+
+
+def _paper(cfg: str, batch_norm: bool = False, lrn: bool = False):
+    def build(**kwargs: Any) -> VGG:
+        return VGG(_PAPER_CFGS[cfg], batch_norm=batch_norm, lrn=lrn, **kwargs)
+
+    return build
+
+
+def _small(stages: list[list[ConvSpec]], hidden: int, batch_norm: bool, pools: list[bool] | None = None):
+    def build(**kwargs: Any) -> VGG:
+        kwargs.setdefault("input_size", 28 if kwargs.get("in_chans", 3) == 1 else 32)
+        kwargs.setdefault("hidden", (hidden,))
+        kwargs.setdefault("pools", pools)
+        return VGG(stages, batch_norm=batch_norm, **kwargs)
+
+    return build
+
+
+VGG_MODELS = {
+    "vgg11": _paper("A"),
+    "vgg11_lrn": _paper("A", lrn=True),
+    "vgg13": _paper("B"),
+    "vgg16_c": _paper("C"),
+    "vgg16": _paper("D"),
+    "vgg19": _paper("E"),
+    "vgg11_bn": _paper("A", True),
+    "vgg11_lrn_bn": _paper("A", True, lrn=True),
+    "vgg13_bn": _paper("B", True),
+    "vgg16_c_bn": _paper("C", True),
+    "vgg16_bn": _paper("D", True),
+    "vgg19_bn": _paper("E", True),
+    "vgg_small": _small(_SMALL, 256, False),
+    "vgg_small_bn": _small(_SMALL, 256, True),
+    "vgg16_small": _small(_SMALL16, 512, False, [True, True, True, True, False]),
+    "vgg16_small_bn": _small(_SMALL16, 512, True, [True, True, True, True, False]),
+}
+

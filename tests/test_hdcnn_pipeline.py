@@ -1,0 +1,196 @@
+"""HD-CNN staged pipeline end to end on tiny Fashion-MNIST IDX files: stages, skip, resume, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coarse2fine.config import RunConfig, load_config
+from coarse2fine.engine.checkpoint import load_checkpoint
+from coarse2fine.errors import ConfigError, ModelError
+from coarse2fine.hdcnn import HDCNN, pipeline
+from test_hdcnn_helpers import TinyBlock, write_fashion_mnist
+
+
+def make_cfg(tmp_path: Path, *overrides: str) -> RunConfig:
+    root = write_fashion_mnist(tmp_path / "fmnist", n_train=150, n_test=60)
+    return load_config(
+        None,
+        [
+            "name=tiny",
+            "method=hdcnn",
+            f"out_dir={tmp_path / 'runs'}",
+            "data.name=fashion_mnist",
+            f"data.root={root}",
+            "data.val_fraction=0.2",
+            "data.batch_size=30",
+            "data.workers=0",
+            "data.pad=0",
+            "optim.lr=0.05",
+            "schedule.name=constant",
+            "train.epochs=1",
+            "train.device=cpu",
+            "train.amp='off'",
+            "hdcnn.num_coarse=3",
+            "hdcnn.branch_stage=stage1",
+            "hdcnn.fine_epochs=1",
+            "hdcnn.finetune_epochs=1",
+            "hdcnn.beta_sweep=[1.0, 2.0]",
+            *overrides,
+        ],
+    )
+
+
+def _record_fits(monkeypatch: pytest.MonkeyPatch) -> list[dict]:  # also a MonkeyPatch.context()
+    calls: list[dict] = []
+    real_fit = pipeline.fit
+
+    def recording_fit(model, objective, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append({"run_dir": Path(kwargs["run_dir"]).name, "resume": kwargs["resume"]})
+        return real_fit(model, objective, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    return calls
+
+
+def _tiny_create(cfg: RunConfig, num_classes: int, in_chans: int, *, load_files: bool = True) -> TinyBlock:
+    torch.manual_seed(cfg.seed)
+    return TinyBlock(num_classes, in_chans, width=8)
+
+
+@pytest.fixture
+def tiny_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The building block of the recipe is a tiny stand-in (the factory's VGG would be too slow here)."""
+    monkeypatch.setattr(pipeline, "_create_block", _tiny_create)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, dict]:
+    """One complete pipeline run shared by the tests below (they copy it before changing anything)."""
+    tmp = tmp_path_factory.mktemp("hdcnn")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "_create_block", _tiny_create)
+        cfg = make_cfg(tmp)
+        calls = _record_fits(mp)
+        report = pipeline.run_pipeline(cfg, progress=False)
+    report["fit_calls"] = [c["run_dir"] for c in calls]
+    return cfg, report
+
+
+def test_pipeline_end_to_end(finished: tuple[RunConfig, dict], tiny_block: None) -> None:
+    cfg, report = finished
+    run = cfg.run_dir
+    assert report["fit_calls"] == ["block", "k0", "k1", "k2", "finetune"]
+    for name in (
+        "block.pt",
+        "hierarchy.json",
+        "hierarchy.png",
+        "hdcnn_init.pt",
+        "hdcnn.pt",
+        "hdcnn_report.json",
+        "beta_tradeoff.png",
+    ):
+        assert (run / name).is_file(), name
+    assert all((run / "fine" / f"component_{k}.pt").is_file() for k in range(3))
+    saved = json.loads((run / "hdcnn_report.json").read_text())
+    assert saved["hdcnn"]["top1"] == report["hdcnn"]["top1"]
+    assert len(report["groups"]) == 3
+    assert sorted(c for g in report["groups"] for c in g) == sorted(report["classes"])
+    assert report["hdcnn"]["num_samples"] == 60
+    assert 0.0 <= report["coarse"]["coarse_component_accuracy"] <= 1.0
+    sweep = {row["beta"]: row for row in report["beta_sweep"]}
+    assert sweep[None]["components_run"] == 3.0
+    assert 1.0 <= sweep[1.0]["components_run"] <= sweep[2.0]["components_run"] <= 3.0
+    assert report["cost"]["hdcnn_parameters"] > report["cost"]["block_parameters"]
+    assert report["cost"]["hdcnn_peak_bytes"] > 0
+    assert abs(sum(report["coarse_targets"]) - 1) < 1e-9
+    # the fine components were trained on the local labels of their partial sets
+    h = json.loads((run / "hierarchy.json").read_text())
+    comp = load_checkpoint(run / "fine" / "component_0.pt")
+    assert comp["classes"] == [h["class_names"][j] for j in h["partial_sets"][0]]
+
+    # the checkpoint rebuilds through the lead's build.load_trained (method: hdcnn)
+    from coarse2fine.build import load_trained
+
+    trained = load_trained(run / "hdcnn.pt")
+    assert isinstance(trained.model, HDCNN) and trained.classes == report["classes"]
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(trained.model(x)["probs"].sum(1), torch.ones(2), atol=1e-5)
+    ckpt = load_checkpoint(run / "hdcnn.pt")
+    assert ckpt["metadata"]["branch_stage"] == "stage1" and "data_stats" in ckpt["metadata"]
+
+
+def test_skip_when_exists_resume_and_cli(
+    finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg0, report = finished
+    shutil.copytree(cfg0.run_dir, tmp_path / "runs" / "tiny")
+    cfg = make_cfg(tmp_path)
+    run = cfg.run_dir
+    # every stage output exists: nothing is trained again and nothing is rewritten
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.pt")}
+    calls = _record_fits(monkeypatch)
+    again = pipeline.run_pipeline(cfg, progress=False)
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.pt")} == stamps
+    assert again["hdcnn"]["top1"] == report["hdcnn"]["top1"]
+
+    # resume: fine-tuning gets a second epoch -> continues from finetune/checkpoints/last.pt (epoch 1)
+    (run / "hdcnn.pt").unlink()
+    pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.finetune_epochs=2"), progress=False)
+    assert calls == [{"run_dir": "finetune", "resume": True}]
+    last = load_checkpoint(run / "finetune" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 2 and [r["epoch"] for r in last["history"]] == [1, 2]
+    assert (run / "block.pt").stat().st_mtime_ns == stamps[run / "block.pt"]
+
+    # c2f hdcnn eval on the checkpoint, with its own beta list
+    from coarse2fine.cli import main
+
+    out = tmp_path / "eval.json"
+    args = ["hdcnn", "eval", "--checkpoint", str(run / "hdcnn.pt"), "--beta", "1.5", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    assert [r["beta"] for r in json.loads(out.read_text())["beta_sweep"]] == [None, 1.5]
+
+
+def test_block_checkpoint_reused(
+    finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    block = finished[0].run_dir / "block.pt"
+    cfg = make_cfg(
+        tmp_path,
+        "name=reuse",
+        f"hdcnn.block_checkpoint={block}",
+        "hdcnn.finetune_epochs=0",
+        "hdcnn.fine_epochs=0",
+        "hdcnn.beta_sweep=[]",
+    )
+    calls = _record_fits(monkeypatch)
+    report = pipeline.run_pipeline(cfg, progress=False)
+    assert calls == []  # block reused, no fine-component or fine-tuning epochs
+    assert report["block_source"] == str(block)
+    assert report["block"]["top1"] == finished[1]["block"]["top1"]
+
+
+def test_local_label_view() -> None:
+    from coarse2fine.data.base import InMemoryDataset
+
+    ds = InMemoryDataset(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), [0, 1, 2, 3, 2, 0], list("abcd"), source="t")
+    view = pipeline.LocalLabelView(ds, [2, 3])
+    assert view.classes == ["c", "d"] and len(view) == 3
+    assert view.targets.tolist() == [0, 1, 0]
+    assert [view[i][1] for i in range(3)] == [0, 1, 0]
+    assert np.array_equal(view.indices, [2, 3, 4])
+
+
+def test_bad_configs(tmp_path: Path, tiny_block: None) -> None:
+    with pytest.raises(ConfigError, match="num_coarse=11"):
+        pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.num_coarse=11"), progress=False)
+    with pytest.raises(ConfigError, match="beta"):
+        pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.beta=-1"), progress=False)
+    with pytest.raises(ModelError, match="stage1"):
+        pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.branch_stage=stage7", "hdcnn.block_epochs=1"), progress=False)
