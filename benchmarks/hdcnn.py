@@ -45,8 +45,8 @@ from coarse2fine.hdcnn.pipeline import (
 from coarse2fine.hierarchy import coarse_targets
 
 SHORT = [
-    "data.limit_train=6000",
-    "data.limit_test=2000",
+    "data.limit_train=3000",
+    "data.limit_test=1000",
     "hdcnn.block_epochs=2",
     "hdcnn.fine_epochs=1",
     "hdcnn.finetune_epochs=1",

@@ -218,3 +218,18 @@ def test_torch_backend_matches_sklearn_quality() -> None:
     model = Tiny().eval()
     report = compress_model(model, {"classifier.1": (4, 24)}, backend="torch")
     assert 0.0 < report.layers[0].rel_error < 1.0
+
+
+def test_cache_from_inference_mode_is_not_used_by_autograd() -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    compress_model(model, {"classifier.1": (4, 8)})
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        ref = model(x)
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)  # eval, grad-enabled: must not reuse the inference-mode cache
+    out.sum().backward()
+    assert xg.grad is not None
+    torch.testing.assert_close(out.detach(), ref)

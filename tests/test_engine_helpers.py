@@ -23,6 +23,7 @@ from coarse2fine.engine import distributed as du
 CLASSES = ["north_west", "north_east", "south_west", "south_east"]
 SIZE = 8
 STEPS_PER_EPOCH = 8  # make_loaders(): 256 training samples / batch 32
+EPOCHS = 3  # of the reference run
 
 
 class TinyDataset:
@@ -184,6 +185,18 @@ def comparable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """History without wall-clock columns."""
     drop = {"seconds", "train_seconds", "images_per_s"}
     return [{k: v for k, v in rec.items() if k not in drop} for rec in history]
+
+
+def reference_run(run_dir: Path) -> dict[str, Any]:
+    """An uninterrupted ``EPOCHS``-epoch run: final weights, comparable history, the FitResult."""
+    model, result = run(run_dir, epochs=EPOCHS)
+    return {"state": model.state_dict(), "history": comparable(result.history), "result": result}
+
+
+def assert_same_weights(a: dict[str, Tensor], b: dict[str, Tensor], atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
 
 
 def _worker() -> int:

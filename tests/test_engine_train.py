@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,37 +15,30 @@ from coarse2fine.engine import (
     CrossEntropyObjective,
     NonFiniteLossError,
     Objective,
+    TrainingInterrupted,
     evaluate,
     fit,
     load_checkpoint,
 )
 from coarse2fine.engine import checkpoint as ckpt_mod
 from coarse2fine.errors import CheckpointError
-from test_engine_helpers import CLASSES, STEPS_PER_EPOCH, comparable, configs, make_loaders, make_model, run
-
-HELPERS = Path(__file__).with_name("test_engine_helpers.py")
-EPOCHS = 3
+from test_engine_helpers import (
+    CLASSES,
+    EPOCHS,
+    STEPS_PER_EPOCH,
+    assert_same_weights,
+    comparable,
+    configs,
+    make_loaders,
+    make_model,
+    reference_run,
+    run,
+)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """An uninterrupted 3-epoch run."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    model, result = run(run_dir, epochs=EPOCHS)
-    return {"state": model.state_dict(), "history": comparable(result.history), "result": result}
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
-
-
-def worker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(HELPERS), *args], capture_output=True, text=True, env=full_env, timeout=120
-    )
+    return reference_run(tmp_path_factory.mktemp("reference"))
 
 
 def test_fit_learns_separable_problem(reference: dict[str, Any]) -> None:
@@ -125,33 +115,6 @@ def test_resume_with_more_epochs_continues(tmp_path: Path) -> None:
     _, result = run(tmp_path, epochs=2, resume=True)
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["global_step"] == 2 * STEPS_PER_EPOCH
-
-
-@pytest.mark.parametrize("window", [(0, STEPS_PER_EPOCH), (STEPS_PER_EPOCH, EPOCHS * STEPS_PER_EPOCH)])
-def test_sigkill_at_random_step_then_resume_matches(
-    tmp_path: Path, reference: dict[str, Any], window: tuple[int, int]
-) -> None:
-    step = random.Random(f"sigkill{window}").randrange(*window)
-    proc = worker("--run-dir", str(tmp_path), "--epochs", str(EPOCHS), "--signal-at", str(step))
-    assert proc.returncode == -signal.SIGKILL, (step, proc.stderr[-2000:])
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == step // STEPS_PER_EPOCH
-    model, result = run(tmp_path, epochs=EPOCHS, resume=True)
-    assert_same_weights(model.state_dict(), reference["state"])
-    assert comparable(result.history) == reference["history"], f"killed at batch {step}"
-
-
-def test_sigterm_writes_checkpoint_and_exits_with_resume_message(tmp_path: Path, reference: dict[str, Any]) -> None:
-    step = STEPS_PER_EPOCH + 3  # during epoch 2
-    proc = worker("--run-dir", str(tmp_path), "--epochs", str(EPOCHS), "--signal-at", str(step), "--signal", "SIGTERM")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "SIGTERM" in proc.stderr and "resume" in proc.stderr and "Traceback" not in proc.stderr
-    marker = json.loads((tmp_path / "checkpoints" / "interrupted.json").read_text())
-    assert marker["signal"] == "SIGTERM" and marker["last_completed_epoch"] == 1
-    assert marker["interrupted_in_epoch"] == 2
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
-    model, _ = run(tmp_path, epochs=EPOCHS, resume=True)
-    assert not (tmp_path / "checkpoints" / "interrupted.json").exists()
-    assert_same_weights(model.state_dict(), reference["state"])
 
 
 class NaNAt(Objective):
@@ -235,3 +198,55 @@ def test_fresh_run_refuses_to_overwrite_existing_run(tmp_path: Path) -> None:
 def test_gradient_accumulation_matches_larger_batch(tmp_path: Path, reference: dict[str, Any]) -> None:
     model, _ = run(tmp_path, epochs=EPOCHS, batch_size=16, accumulate=2)
     assert_same_weights(model.state_dict(), reference["state"], atol=1e-5)
+
+
+def test_signal_on_last_batch_completes_the_epoch(tmp_path: Path) -> None:
+    """In-process SIGINT at the epoch's last batch: that epoch is validated and saved, then training stops."""
+
+    def interrupt(i: int) -> None:
+        if i == STEPS_PER_EPOCH - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT during epoch 2; .*last\.pt holds epoch 1") as info:
+        run(tmp_path, epochs=EPOCHS, on_batch=interrupt)
+    assert info.value.epoch == 1 and info.value.signal_name == "SIGINT"
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_metadata_is_stored_as_plain_data(tmp_path: Path) -> None:
+    model = make_model()
+    tr, va = make_loaders()
+    tcfg, ocfg, scfg = configs(epochs=1)
+    meta = {"hierarchy": {"groups": np.array([[0, 1], [2, 3]]), "k": np.int64(2), "names": ("a", "b")}}
+    fit(
+        model,
+        CrossEntropyObjective(),
+        tr,
+        va,
+        train_cfg=tcfg,
+        optim_cfg=ocfg,
+        schedule_cfg=scfg,
+        run_dir=tmp_path / "ok",
+        config_dict={},
+        classes=CLASSES,
+        metadata=meta,
+        progress=False,
+    )
+    saved = load_checkpoint(tmp_path / "ok" / "checkpoints" / "last.pt")["metadata"]
+    assert saved == {"hierarchy": {"groups": [[0, 1], [2, 3]], "k": 2, "names": ["a", "b"]}}
+    with pytest.raises(CheckpointError, match=r"metadata\.bad: object is not plain data"):
+        fit(
+            model,
+            CrossEntropyObjective(),
+            tr,
+            va,
+            train_cfg=tcfg,
+            optim_cfg=ocfg,
+            schedule_cfg=scfg,
+            run_dir=tmp_path / "bad",
+            config_dict={},
+            classes=CLASSES,
+            metadata={"bad": object()},
+            progress=False,
+        )

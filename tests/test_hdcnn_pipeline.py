@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from coarse2fine.config import RunConfig, load_config
+from coarse2fine.config import RunConfig, load_config, to_dict
 from coarse2fine.engine.checkpoint import load_checkpoint
 from coarse2fine.errors import ConfigError, ModelError
 from coarse2fine.hdcnn import HDCNN, pipeline
@@ -157,23 +158,32 @@ def test_skip_when_exists_resume_and_cli(
     assert [r["beta"] for r in json.loads(out.read_text())["beta_sweep"]] == [None, 1.5]
 
 
-def test_block_checkpoint_reused(
-    finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, monkeypatch: pytest.MonkeyPatch
+def test_cli_fit_reuses_block_checkpoint(
+    finished: tuple[RunConfig, dict],
+    tmp_path: Path,
+    tiny_block: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from coarse2fine.cli import main
+
     block = finished[0].run_dir / "block.pt"
-    cfg = make_cfg(
-        tmp_path,
-        "name=reuse",
-        f"hdcnn.block_checkpoint={block}",
-        "hdcnn.finetune_epochs=0",
-        "hdcnn.fine_epochs=0",
-        "hdcnn.beta_sweep=[]",
-    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(to_dict(make_cfg(tmp_path, "name=reuse"))))
     calls = _record_fits(monkeypatch)
-    report = pipeline.run_pipeline(cfg, progress=False)
+    sets = [f"hdcnn.block_checkpoint={block}", "hdcnn.finetune_epochs=0", "hdcnn.fine_epochs=0", "hdcnn.beta_sweep=[]"]
+    argv = ["hdcnn", "fit", "--config", str(recipe), "--no-progress"]
+    assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
     assert calls == []  # block reused, no fine-component or fine-tuning epochs
+    report = json.loads((tmp_path / "runs" / "reuse" / "hdcnn_report.json").read_text())
     assert report["block_source"] == str(block)
     assert report["block"]["top1"] == finished[1]["block"]["top1"]
+    out = capsys.readouterr().out
+    assert "Learnt coarse categories" in out and "| building block |" in out and "| HD-CNN |" in out
+    assert all(name in out for group in report["groups"] for name in group)
+    # a bad override is a clean error (exit status 2), nothing written
+    assert main([*argv, "--set", "hdcnn.num_coarse=0"]) == 2
+    assert "hdcnn.num_coarse" in capsys.readouterr().err
 
 
 def test_local_label_view() -> None:

@@ -246,9 +246,7 @@ def train_one_epoch(
                 terms = objective(outputs, targets)
             loss = terms["loss"]
             bad = (~torch.isfinite(loss.detach())).float()
-            flags = du.all_reduce_max(
-                torch.stack([bad, torch.full_like(bad, float(stop.signum is not None))])
-            )
+            flags = du.all_reduce_max(torch.stack([bad, torch.full_like(bad, float(stop.signum is not None))]))
             flags = flags.tolist()  # [any rank non-finite, any rank asked to stop]
             if flags[0] > 0:
                 if cfg.nan_policy == "stop":
@@ -296,8 +294,8 @@ def train_one_epoch(
                 acc=f"{int(correct) / max(seen, 1):.3f}",
                 img_s=f"{seen / elapsed:.0f}",
             )
-        if flags[1] > 0:
-            stopped = True
+        if flags[1] > 0 and i + 1 < n_batches:
+            stopped = True  # a stop on the last batch lets the epoch complete (and be checkpointed)
             break
     bar.close()
     seconds = time.perf_counter() - start
@@ -353,9 +351,9 @@ def _checkpoint_state(
         "best_epoch": state.best_epoch,
         "history": list(state.history),
         "rng": rng_state(),
-        "config": dict(config_dict),
+        "config": _plain(config_dict, "config"),
         "classes": list(classes),
-        "metadata": dict(metadata or {}),
+        "metadata": _plain(metadata or {}, "metadata"),
         "world_size": du.world_size(),
     }
 
@@ -368,9 +366,7 @@ def _validate(train_cfg: TrainConfig, train_loader: Any) -> None:
     if train_cfg.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {train_cfg.epochs}")
     if len(train_loader) == 0:
-        raise ConfigError(
-            "the training loader yields no batch: data.batch_size is larger than the training split"
-        )
+        raise ConfigError("the training loader yields no batch: data.batch_size is larger than the training split")
 
 
 @contextlib.contextmanager
@@ -430,10 +426,7 @@ def fit(
     main = du.is_main_process()
     rank = du.rank()
     seed = int(config_dict.get("seed", 0)) if seed is None else seed
-    hint = (
-        resume_hint
-        or f"run the same command again with resume enabled (fit(..., resume=True), run_dir={run_dir})"
-    )
+    hint = resume_hint or f"run the same command again with resume enabled (fit(..., resume=True), run_dir={run_dir})"
     device = resolve_device(train_cfg.device)
     dtype = autocast_dtype(train_cfg.amp, device)
     if train_cfg.threads:
@@ -480,9 +473,7 @@ def fit(
                 )
             if main:
                 save_checkpoint(
-                    _checkpoint_state(
-                        model, optimizer, scheduler, scaler, state, config_dict, classes, metadata
-                    ),
+                    _checkpoint_state(model, optimizer, scheduler, scaler, state, config_dict, classes, metadata),
                     paths["last"],
                 )
         du.barrier()
@@ -519,25 +510,7 @@ def fit(
                     ckpt_hint=str(paths["last"]),
                 )
                 if out.stopped:
-                    if main:
-                        atomic_write_json(
-                            paths["interrupted"],
-                            {
-                                "signal": stop.name,
-                                "interrupted_in_epoch": epoch + 1,
-                                "last_completed_epoch": state.epoch,
-                                "global_step": state.global_step,
-                                "checkpoint": str(paths["last"]),
-                                "resume": hint,
-                            },
-                        )
-                    raise TrainingInterrupted(
-                        f"training stopped by {stop.name} during epoch {epoch + 1}; {paths['last']} holds "
-                        f"epoch {state.epoch} (the partial epoch is replayed on resume). To resume: {hint}",
-                        checkpoint=paths["last"],
-                        epoch=state.epoch,
-                        signal_name=stop.name,
-                    )
+                    raise _interrupted(stop, epoch + 1, state, paths, hint, main)
                 val = evaluate(
                     net,
                     val_loader,
@@ -575,9 +548,52 @@ def fit(
                     _write_csv(paths["metrics"], state.history)
                     tb.scalars(record, epoch + 1, "epoch")
                 du.barrier()
+                asked = du.all_reduce_max(torch.tensor([float(stop.signum is not None)], device=device))
+                if asked.item() > 0 and epoch + 1 < train_cfg.epochs:  # signal during validation / saving
+                    raise _interrupted(stop, epoch + 2, state, paths, hint, main)
         finally:
             tb.close()
     return FitResult(state.best_epoch, state.best_metric, state.history, paths)
+
+
+def _interrupted(
+    stop: _StopRequest, in_epoch: int, state: _State, paths: Mapping[str, Path], hint: str, main: bool
+) -> TrainingInterrupted:
+    """Write ``checkpoints/interrupted.json`` (rank 0) and build the exception to raise."""
+    if main:
+        atomic_write_json(
+            paths["interrupted"],
+            {
+                "signal": stop.name,
+                "interrupted_in_epoch": in_epoch,
+                "last_completed_epoch": state.epoch,
+                "global_step": state.global_step,
+                "checkpoint": str(paths["last"]),
+                "resume": hint,
+            },
+        )
+    return TrainingInterrupted(
+        f"training stopped by {stop.name} during epoch {in_epoch}; {paths['last']} holds epoch "
+        f"{state.epoch} (a partial epoch is replayed on resume). To resume: {hint}",
+        checkpoint=paths["last"],
+        epoch=state.epoch,
+        signal_name=stop.name,
+    )
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as weights_only-loadable plain data (numpy scalars/arrays become Python numbers/lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool, Tensor)):
+        return value
+    raise CheckpointError(f"checkpoint {where}: {type(value).__name__} is not plain data (JSON-like or tensors)")
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:

@@ -2,8 +2,9 @@
 
 A weight ``W`` (m x n; a conv weight flattened to ``out x in*kh*kw``) is split column-wise into
 ``n/s`` segments of width ``s``; k-means (scikit-learn) with ``k`` centres runs on the m rows of
-each segment. Every row-segment stores its centre index (uint8) and every segment its centres
-(float32): compression factor ``32mn / (32kn + 8mn/s)``.
+each segment (or a batched torch k-means for big layers, ``backend="torch"``). Every row-segment
+stores its centre index (uint8) and every segment its centres (float32): compression factor
+``32mn / (32kn + 8mn/s)``.
 
 ``n`` not a multiple of ``s`` is zero-padded up to one (logged; the padding is dropped on
 reconstruction). ``k`` larger than the number of rows ``m`` is clipped to ``m`` (every row then is
@@ -231,8 +232,10 @@ class _PQMixin(nn.Module):
         self._cached = None
 
     def weight_matrix(self) -> Tensor:
-        if self._cached is not None and not self.training:
-            return self._cached
+        c = self._cached
+        # an inference-mode tensor cannot take part in autograd: rebuilt outside inference mode
+        if c is not None and not self.training and (torch.is_inference_mode_enabled() or not c.is_inference()):
+            return c
         w = reconstruct(self.codes, self.centers, self.n)
         if not self.training:
             self._cached = w

@@ -3,7 +3,7 @@
 Stages come from timm's ``feature_info``; ``forward_stages`` uses ``forward_intermediates``
 (transformers' maps are returned as tokens (B, N, C), ``token_layout="nlc"``). ``sequence()``
 flattens the model's children in execution order down to the stage modules, found by running
-``forward_features`` once with hooks and checked to compose to the same output; models whose
+``forward_features`` once with hooks (CNNs on a 64 px image) and checked to compose to the same output; models whose
 forward does work outside modules (e.g. ViT's position embedding) get a ModelError.
 
 Sequence entries cannot contain dots (``nn.Sequential`` names), so stage module paths are given
@@ -131,7 +131,10 @@ class TimmBackbone(Backbone):
         was_training = self.training
         self.eval()
         try:
-            x = torch.randn(1, *self.default_input_size, generator=torch.Generator().manual_seed(0))
+            c, h, w = self.default_input_size
+            if self.token_layout == "nchw":  # CNNs run on any size: trace on a small one
+                h, w = min(h, 64), min(w, 64)
+            x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0))
             ref = self.model.forward_features(x)
             for h in handles:
                 h.remove()

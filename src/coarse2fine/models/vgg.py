@@ -62,6 +62,11 @@ def _conv_spec(spec: ConvSpec) -> tuple[int, int]:
     return (spec, 3) if isinstance(spec, int) else (int(spec[0]), int(spec[1]))
 
 
+def _scale(spec: ConvSpec, mult: float) -> tuple[int, int]:
+    c, k = _conv_spec(spec)
+    return max(1, round(c * mult)), k
+
+
 def _make_stage(in_chans: int, convs: StageSpec, batch_norm: bool, lrn: bool, pool: bool) -> nn.Sequential:
     """``conv{i}[, bn{i}], relu{i}`` for each conv (``lrn`` after the first), then ``pool``."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -132,6 +137,7 @@ class VGG(Backbone):
         dropout: dropout after each hidden FC layer.
         pools: per stage, whether it ends with a 2x2 max-pool (default: all).
         init: ``paper`` N(0, 1e-2) / ``glorot`` / ``kaiming``; default kaiming with BN, glorot without.
+        width_mult: scales every conv width (narrow copies for tests and quick runs).
     """
 
     def __init__(
@@ -146,8 +152,11 @@ class VGG(Backbone):
         dropout: float = 0.5,
         pools: Sequence[bool] | None = None,
         init: str | None = None,
+        width_mult: float = 1.0,
     ) -> None:
         super().__init__()
+        if width_mult != 1.0:
+            stages = [[_scale(spec, width_mult) for spec in convs] for convs in stages]
         h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         pools = [True] * len(stages) if pools is None else list(pools)
         if len(pools) != len(stages):

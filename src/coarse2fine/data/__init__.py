@@ -1,0 +1,69 @@
+"""Datasets, splits, transforms and loaders (SPEC §4; the data contract in docs/ARCHITECTURE.md).
+
+Imports nothing of ours except :mod:`coarse2fine.errors`.
+"""
+
+from coarse2fine.data.base import (
+    IMG_EXTENSIONS,
+    DatasetView,
+    ImageFileDataset,
+    InMemoryDataset,
+    Skipped,
+    convert_mode,
+    load_image,
+    subset,
+)
+from coarse2fine.data.cifar import CIFAR10, CIFAR100, RestrictedUnpickler, safe_load_pickle
+from coarse2fine.data.cub import CUB200
+from coarse2fine.data.fashion_mnist import FashionMNIST
+from coarse2fine.data.folder import ImageFolderDataset
+from coarse2fine.data.idx import read_idx, write_idx
+from coarse2fine.data.loader import FileLoader, InMemoryLoader, build_loader, shard_indices
+from coarse2fine.data.nabirds import NABirds
+from coarse2fine.data.registry import DATASETS, load_dataset
+from coarse2fine.data.split import limit, stratified_split
+from coarse2fine.data.transforms import (
+    BatchAugment,
+    ImageTransform,
+    PCAColorShift,
+    build_transforms,
+    compute_mean_std,
+    large_eval_transform,
+    large_train_transform,
+)
+
+__all__ = [
+    "CIFAR10",
+    "CIFAR100",
+    "CUB200",
+    "DATASETS",
+    "IMG_EXTENSIONS",
+    "BatchAugment",
+    "DatasetView",
+    "FashionMNIST",
+    "FileLoader",
+    "ImageFileDataset",
+    "ImageFolderDataset",
+    "ImageTransform",
+    "InMemoryDataset",
+    "InMemoryLoader",
+    "NABirds",
+    "PCAColorShift",
+    "RestrictedUnpickler",
+    "Skipped",
+    "build_loader",
+    "build_transforms",
+    "compute_mean_std",
+    "convert_mode",
+    "large_eval_transform",
+    "large_train_transform",
+    "limit",
+    "load_dataset",
+    "load_image",
+    "read_idx",
+    "safe_load_pickle",
+    "shard_indices",
+    "stratified_split",
+    "subset",
+    "write_idx",
+]

@@ -1,0 +1,275 @@
+"""Training and evaluation transforms (SPEC §1 training scale and preprocessing; torchvision transforms v2).
+
+- Small in-memory images (Fashion-MNIST, CIFAR): :class:`BatchAugment` pads, random-crops and flips a
+  whole uint8 batch with one gather (no Python loop over the batch), then normalises; its randomness
+  comes from the ``torch.Generator`` the loader passes, seeded by ``(seed, epoch, rank)``.
+- Large images (files): VGG training scale: shortest side resized to a fixed ``S`` or to an ``S`` drawn
+  per image from ``[S_min, S_max]``, random crop, flip, optional AlexNet-style PCA colour shift, then
+  normalisation; evaluation resizes the shortest side to ``Q`` and takes the centre crop.
+
+Normalisation statistics come from the training set (:func:`compute_mean_std`); they are a JSON-able
+dict so a checkpoint can store them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from coarse2fine.data.base import Skipped, resolve_memory
+from coarse2fine.errors import ConfigError
+
+# AlexNet / fb.resnet.torch ImageNet RGB eigen-decomposition, used when a dataset's own is not given.
+IMAGENET_PCA = {
+    "eigval": [0.2175, 0.0188, 0.0045],
+    "eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]],
+}
+
+
+def _as_stats(
+    mean: Sequence[float], std: Sequence[float], channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.as_tensor(list(mean), dtype=torch.float32)
+    s = torch.as_tensor(list(std), dtype=torch.float32)
+    if m.numel() != channels or s.numel() != channels:
+        raise ConfigError(
+            f"normalisation mean/std need {channels} value(s) each, got {m.numel()} and {s.numel()}"
+        )
+    if bool((s <= 0).any()):
+        raise ConfigError(f"normalisation std must be positive, got {s.tolist()}")
+    return m.view(1, -1, 1, 1), s.view(1, -1, 1, 1)
+
+
+class BatchAugment:
+    """Batched transform of a uint8 batch ``(B, C, H, W)`` into a normalised float batch ``(B, C, S, S)``.
+
+    Training (``train=True``): optional resize to ``size``, zero ``pad``, random ``size`` crop and random
+    horizontal flip, all drawn per image from ``generator`` and applied by one gather. Evaluation:
+    resize to ``size`` when the images have another size, then normalise.
+    """
+
+    batched = True
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        size: int,
+        train: bool,
+        pad: int = 4,
+        flip: bool = True,
+    ) -> None:
+        if size < 1 or pad < 0:
+            raise ConfigError(f"image_size={size} must be >= 1 and pad={pad} >= 0")
+        self.mean, self.std = list(mean), list(std)
+        self._mean, self._std = _as_stats(mean, std, len(self.mean))
+        self.size, self.train, self.pad, self.flip = size, train, pad if train else 0, flip and train
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
+        if self.train and (self.pad or self.flip):
+            x = self._crop_flip(x, generator)
+        return x.sub_(self._mean).div_(self._std)
+
+    def _crop_flip(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        b, c, s, p = x.shape[0], x.shape[1], self.size, self.pad
+        x = F.pad(x, (p, p, p, p)) if p else x
+        oy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+        ox = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+        ar = torch.arange(s).view(1, s)
+        rows = oy + ar
+        cols = ox + ar
+        if self.flip:
+            flipped = torch.rand(b, 1, generator=generator) < 0.5
+            cols = torch.where(flipped, ox + (s - 1 - ar), cols)
+        bi = torch.arange(b).view(b, 1, 1, 1)
+        ci = torch.arange(c).view(1, c, 1, 1)
+        return x[bi, ci, rows.view(b, 1, s, 1), cols.view(b, 1, 1, s)]
+
+    def __repr__(self) -> str:
+        return f"BatchAugment(size={self.size}, train={self.train}, pad={self.pad}, flip={self.flip})"
+
+
+class PCAColorShift:
+    """AlexNet colour shift: add ``eigvec @ (alpha * eigval)``, ``alpha ~ N(0, strength^2)``, to every pixel
+    of a float RGB image ``(3, H, W)`` in [0, 1] (SPEC §1 "RGB colour shift")."""
+
+    def __init__(self, strength: float, eigval: Sequence[float], eigvec: Sequence[Sequence[float]]) -> None:
+        self.strength = float(strength)
+        self.eigval = torch.as_tensor(eigval, dtype=torch.float32)
+        self.eigvec = torch.as_tensor(eigvec, dtype=torch.float32)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.strength <= 0 or img.shape[-3] != 3:
+            return img
+        alpha = torch.randn(3) * self.strength
+        return img + (self.eigvec @ (alpha * self.eigval)).view(3, 1, 1)
+
+
+class ImageTransform(v2.Compose):
+    """Per-image transform (PIL image or CHW tensor -> normalised float tensor)."""
+
+    batched = False
+
+
+def _check_scale(value: int, crop: int, what: str) -> None:
+    if value < crop:
+        raise ConfigError(f"{what}={value} is smaller than the crop image_size={crop}; use a scale >= {crop}")
+
+
+def large_train_transform(
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    crop: int,
+    scale: Sequence[int],
+    flip: bool = True,
+    color_shift: float = 0.0,
+    pca: dict[str, Any] | None = None,
+) -> ImageTransform:
+    """VGG training pipeline: ``scale=[S]`` (fixed) or ``[S_min, S_max]`` (jittered per image)."""
+    scale = list(scale)
+    if len(scale) not in (1, 2) or (len(scale) == 2 and scale[0] > scale[1]):
+        raise ConfigError(f"train_scale={scale}: give [S] or [S_min, S_max] with S_min <= S_max")
+    for s in scale:
+        _check_scale(s, crop, "train_scale")
+    resize = (
+        v2.Resize(scale[0], antialias=True)
+        if len(scale) == 1 or scale[0] == scale[1]
+        else (v2.RandomShortestSize(list(range(scale[0], scale[1] + 1)), antialias=True))
+    )
+    steps: list[Any] = [v2.ToImage(), resize, v2.RandomCrop(crop)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if color_shift > 0 and len(list(mean)) == 3:
+        pca = pca if pca and "eigval" in pca else IMAGENET_PCA
+        steps.append(PCAColorShift(color_shift, pca["eigval"], pca["eigvec"]))
+    steps.append(v2.Normalize(list(mean), list(std)))
+    return ImageTransform(steps)
+
+
+def large_eval_transform(
+    mean: Sequence[float], std: Sequence[float], *, crop: int, scale: int
+) -> ImageTransform:
+    """Evaluation: shortest side resized to ``Q = scale``, then the centre ``crop``."""
+    _check_scale(scale, crop, "test_scale")
+    return ImageTransform(
+        [
+            v2.ToImage(),
+            v2.Resize(scale, antialias=True),
+            v2.CenterCrop(crop),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def build_transforms(
+    stats: dict[str, Any],
+    *,
+    in_memory: bool,
+    image_size: int,
+    train_scale: Sequence[int] | None = None,
+    test_scale: int | None = None,
+    pad: int = 4,
+    flip: bool = True,
+    color_shift: float = 0.0,
+) -> tuple[Any, Any]:
+    """(train, eval) transforms for a dataset, from :func:`compute_mean_std` ``stats``.
+
+    In-memory datasets get :class:`BatchAugment` (``pad``, ``flip``); file datasets the VGG scale
+    pipeline, where ``train_scale`` defaults to ``[round(image_size * 256 / 224)]`` and ``test_scale`` to S
+    (fixed) or ``(S_min + S_max) // 2`` (jittered).
+    """
+    mean, std = stats["mean"], stats["std"]
+    if in_memory:
+        return (
+            BatchAugment(mean, std, size=image_size, train=True, pad=pad, flip=flip),
+            BatchAugment(mean, std, size=image_size, train=False),
+        )
+    scale = list(train_scale) if train_scale else [round(image_size * 256 / 224)]
+    q = (
+        test_scale
+        if test_scale is not None
+        else (scale[0] if len(scale) == 1 else (scale[0] + scale[-1]) // 2)
+    )
+    train = large_train_transform(
+        mean, std, crop=image_size, scale=scale, flip=flip, color_shift=color_shift, pca=stats
+    )
+    return train, large_eval_transform(mean, std, crop=image_size, scale=q)
+
+
+def _pixels_of_files(dataset: Any, max_samples: int, seed: int, thumb: int) -> list[np.ndarray]:
+    """(C, P) float arrays of up to ``max_samples`` images, each shrunk to at most ``thumb`` px a side."""
+    n = len(dataset)
+    order = np.random.default_rng(seed).permutation(n)[: min(n, max_samples)]
+    out = []
+    for i in order:
+        item = dataset[int(i)]
+        if isinstance(item, Skipped):
+            continue
+        img = item[0].copy()
+        img.thumbnail((thumb, thumb))
+        arr = np.asarray(img, dtype=np.float64) / 255.0
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        out.append(arr.reshape(arr.shape[0], -1))
+    return out
+
+
+def compute_mean_std(
+    dataset: Any, *, max_samples: int = 1000, seed: int = 0, thumb: int = 128, chunk: int = 4096
+) -> dict[str, Any]:
+    """Per-channel mean and std of the training images in [0, 1], and their RGB eigen-decomposition.
+
+    In-memory datasets use every image (in chunks); file datasets a seeded sample of ``max_samples``
+    images shrunk to ``thumb`` pixels a side. Returns a JSON-able dict ``{"mean", "std", "eigval",
+    "eigvec", "num_images"}`` (``eigval``/``eigvec``, the eigen-decomposition of the RGB covariance that
+    AlexNet's colour shift uses, for 3 channels only).
+    """
+    total = None
+    count = 0
+    outer = None
+    num_images = 0
+
+    def add(pix: torch.Tensor) -> None:  # pix: (C, P) float64
+        nonlocal total, outer, count
+        total = pix.sum(1) if total is None else total + pix.sum(1)
+        outer = pix @ pix.T if outer is None else outer + pix @ pix.T
+        count += pix.shape[1]
+
+    if getattr(dataset, "in_memory", False):
+        images, idx = resolve_memory(dataset)
+        n = images.shape[0] if idx is None else idx.size
+        for start in range(0, n, chunk):
+            sel = slice(start, start + chunk) if idx is None else torch.from_numpy(idx[start : start + chunk])
+            batch = images[sel].to(torch.float64).div_(255.0)
+            add(batch.transpose(0, 1).reshape(batch.shape[1], -1))
+        num_images = int(n)
+    else:
+        arrays = _pixels_of_files(dataset, max_samples, seed, thumb)
+        for arr in arrays:
+            add(torch.from_numpy(arr))
+        num_images = len(arrays)
+    if total is None or outer is None or count == 0:
+        raise ConfigError(f"cannot compute normalisation statistics of {dataset!r}: no readable images")
+    mean = total / count
+    cov = outer / count - torch.outer(mean, mean)
+    std = cov.diagonal().clamp_min(1e-12).sqrt()
+    stats: dict[str, Any] = {"mean": mean.tolist(), "std": std.tolist(), "num_images": num_images}
+    if mean.numel() == 3:
+        eigval, eigvec = torch.linalg.eigh(cov)
+        order = torch.argsort(eigval, descending=True)
+        stats["eigval"] = eigval[order].clamp_min(0).tolist()
+        stats["eigvec"] = eigvec[:, order].tolist()
+    return stats
