@@ -207,3 +207,19 @@ def test_schedule_state_round_trips_through_weights_only(name: str) -> None:
     b.step_epoch(0.3)
     assert a.get_last_lr() == pytest.approx(b.get_last_lr())
     assert a.reductions == b.reductions and a.steps == b.steps
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle"])
+def test_resumed_schedule_follows_the_new_length(name: str) -> None:
+    """A run resumed with more epochs keeps stepping (OneCycleLR would raise past its old end)."""
+    cfg = ScheduleConfig(name=name, warmup_steps=2)
+    short = build_scheduler(_opt(0.1), cfg, steps_per_epoch=5, epochs=1)
+    _run_steps(short, 5)
+    longer = build_scheduler(_opt(0.1), cfg, steps_per_epoch=5, epochs=2)
+    longer.optimizer.load_state_dict(short.optimizer.state_dict())
+    longer.load_state_dict(short.state_dict())
+    fresh = build_scheduler(_opt(0.1), cfg, steps_per_epoch=5, epochs=2)
+    expected = _run_steps(fresh, 10)[5:]
+    got = _run_steps(longer, 5)
+    assert got[1:] == pytest.approx(expected[1:])  # the lr right after loading is the old schedule's last
+    assert longer.steps == 10

@@ -173,9 +173,7 @@ class InMemoryDataset(torch.utils.data.Dataset):
         reference_hierarchy: dict[str, list[str]] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise DataError(
-                f"{source}: expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-            )
+            raise DataError(f"{source}: expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.classes = check_class_names(classes, source)
         self.targets = check_labels(targets, len(self.classes), source)
         if len(self.targets) != images.shape[0]:
@@ -268,9 +266,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         self.paths = PathTable(paths)
         self.targets = targets
         if not self.paths:
-            raise DataError(
-                f"{source}: no images" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
-            )
+            raise DataError(f"{source}: no images" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
         self.num_channels = 3 if mode == "RGB" else 1
         self.default_image_size = default_image_size
         self.reference_hierarchy = reference_hierarchy

@@ -96,9 +96,7 @@ def _images(batch: dict[str, Any], path: Path) -> np.ndarray:
     data = batch["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
-        raise DataError(
-            f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {type(data).__name__} {shape}"
-        )
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {type(data).__name__} {shape}")
     return data
 
 
@@ -113,9 +111,7 @@ def _to_tensor(data: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data.reshape(-1, 3, 32, 32)))
 
 
-def _locate(
-    root: Any, folder: str, defaults: tuple[Path, ...], needed: tuple[str, ...]
-) -> tuple[Path, list[Path]]:
+def _locate(root: Any, folder: str, defaults: tuple[Path, ...], needed: tuple[str, ...]) -> tuple[Path, list[Path]]:
     searched = []
     for cand in candidate_roots(root, defaults):
         searched += [cand, cand / folder]
@@ -123,9 +119,7 @@ def _locate(
     return found, searched  # type: ignore[return-value]
 
 
-def _missing(
-    name: str, needed: tuple[str, ...], folder: str, searched: list[Path], failure: str | None
-) -> DataError:
+def _missing(name: str, needed: tuple[str, ...], folder: str, searched: list[Path], failure: str | None) -> DataError:
     where = ", ".join(str(p) for p in searched)
     hint = f" Download failed: {failure}." if failure else " Pass download=True to fetch it."
     return DataError(
@@ -242,9 +236,7 @@ class CIFAR10(_CIFARBase):
         check_choice(split, tuple(self.SPLITS), "split")
         folder = self._find(root, split, download)
         meta_path = folder / self.META
-        names = _names(
-            _as_dict(safe_load_pickle(meta_path), meta_path, ("label_names",)), "label_names", meta_path
-        )
+        names = _names(_as_dict(safe_load_pickle(meta_path), meta_path, ("label_names",)), "label_names", meta_path)
         datas, labels = [], []
         for fname in self.SPLITS[split]:
             path = folder / fname

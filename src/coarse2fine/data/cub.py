@@ -70,9 +70,7 @@ def read_image_lists(folder: Path) -> tuple[dict[str, str], dict[str, int], dict
         missing = [k for k in images if k not in table]
         extra = [k for k in table if k not in images]
         if missing or extra:
-            detail = (
-                f"no entry for image id(s) {missing[:5]}" if missing else f"unknown image id(s) {extra[:5]}"
-            )
+            detail = f"no entry for image id(s) {missing[:5]}" if missing else f"unknown image id(s) {extra[:5]}"
             raise DataError(f"{folder / name}: {detail} (images.txt lists {len(images)} images)")
     return images, labels, flags
 

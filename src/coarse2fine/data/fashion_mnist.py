@@ -64,8 +64,7 @@ def _missing_message(split: str, searched: list[Path], failure: str | None) -> s
     else:
         msg += " Pass download=True to fetch them."
     return (
-        msg
-        + f" Put the four files {files} (gzipped or not) into {DOWNLOAD_ROOT}/ or the folder given as root, "
+        msg + f" Put the four files {files} (gzipped or not) into {DOWNLOAD_ROOT}/ or the folder given as root, "
         "or install them system-wide with `apt-get install dataset-fashion-mnist` "
         "(they land in /usr/share/datasets/fashion-mnist)."
     )
@@ -74,9 +73,7 @@ def _missing_message(split: str, searched: list[Path], failure: str | None) -> s
 class FashionMNIST(InMemoryDataset):
     """Fashion-MNIST ``split`` ("train" 60k or "test" 10k) as a uint8 tensor ``(N, 1, 28, 28)``."""
 
-    def __init__(
-        self, root: str | os.PathLike[str] | None = None, split: str = "train", download: bool = False
-    ):
+    def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", download: bool = False):
         check_choice(split, tuple(SPLIT_FILES), "split")
         searched = candidate_roots(root, DEFAULT_ROOTS)
         folder = find_root(searched, _has_split(split))
@@ -94,9 +91,7 @@ class FashionMNIST(InMemoryDataset):
         images = read_idx(image_file)
         labels = read_idx(label_file)
         if images.ndim != 3 or images.dtype.name != "uint8":
-            raise DataError(
-                f"{image_file}: expected uint8 images (N, H, W), got {images.dtype.name} {images.shape}"
-            )
+            raise DataError(f"{image_file}: expected uint8 images (N, H, W), got {images.dtype.name} {images.shape}")
         if labels.ndim != 1:
             raise DataError(f"{label_file}: expected a 1-D label array, got shape {labels.shape}")
         if len(labels) != len(images):

@@ -30,9 +30,7 @@ def _check_duplicates(classes: list[str], folder: Path) -> None:
     for name in classes:
         key = name.strip().casefold()
         if key in seen:
-            raise DataError(
-                f"{folder}: class folders {seen[key]!r} and {name!r} differ only in case or spaces"
-            )
+            raise DataError(f"{folder}: class folders {seen[key]!r} and {name!r} differ only in case or spaces")
         seen[key] = name
 
 
@@ -105,11 +103,7 @@ class ImageFolderDataset(ImageFileDataset):
         for label, name in enumerate(classes):
             files, ignored = _scan_class(folder / name, extensions) if (folder / name).is_dir() else ([], 0)
             if not files and not allow_empty and folder == class_root:
-                other = (
-                    f" ({ignored} file(s) without an image extension {', '.join(extensions)})"
-                    if ignored
-                    else ""
-                )
+                other = f" ({ignored} file(s) without an image extension {', '.join(extensions)})" if ignored else ""
                 raise DataError(f"{folder / name}: class folder has no images{other}")
             paths += files
             targets += [label] * len(files)

@@ -42,9 +42,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def shard_indices(
-    n: int, *, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int, pad: bool
-) -> np.ndarray:
+def shard_indices(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int, pad: bool) -> np.ndarray:
     """This rank's indices for ``epoch``: ``perm[rank::world_size]`` of a (seed, epoch) permutation."""
     if shuffle:
         gen = torch.Generator().manual_seed(derive_seed(seed, epoch, 0))
@@ -138,11 +136,7 @@ class InMemoryLoader(_Loader):
         for idx in self.batches():
             src = idx if self.base_index is None else self.base_index[idx]
             images = self.images[torch.from_numpy(src)]
-            x = (
-                self.transform(images, generator=gen)
-                if self.transform is not None
-                else images.float().div_(255)
-            )
+            x = self.transform(images, generator=gen) if self.transform is not None else images.float().div_(255)
             y = self.targets[torch.from_numpy(idx)]
             if self.pin_memory:
                 x, y = x.pin_memory(), y.pin_memory()

@@ -70,9 +70,7 @@ class NABirds(ImageFileDataset):
         images, labels, flags = read_image_lists(folder)
         class_path, tree_path = folder / "classes.txt", folder / "hierarchy.txt"
         names = {_int(k, class_path, "class id"): v for k, v in read_table(class_path)}
-        parents = {
-            _int(k, tree_path, "child id"): _int(v, tree_path, "parent id") for k, v in read_table(tree_path)
-        }
+        parents = {_int(k, tree_path, "child id"): _int(v, tree_path, "parent id") for k, v in read_table(tree_path)}
         for child, parent in parents.items():
             for cid in (child, parent):
                 if cid not in names:
@@ -80,9 +78,7 @@ class NABirds(ImageFileDataset):
         leaf_ids = sorted(set(labels.values()))
         unknown = [cid for cid in leaf_ids if cid not in names]
         if unknown:
-            raise DataError(
-                f"{folder / 'image_class_labels.txt'}: class id {unknown[0]} is not in {class_path}"
-            )
+            raise DataError(f"{folder / 'image_class_labels.txt'}: class id {unknown[0]} is not in {class_path}")
         index = {cid: i for i, cid in enumerate(leaf_ids)}
         display = _unique_names(leaf_ids, names)
         self.class_ids = leaf_ids

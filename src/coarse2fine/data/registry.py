@@ -71,9 +71,7 @@ def load_dataset(
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     factory, in_memory = DATASETS[name]
     if label != "fine" and name != "cifar100":
-        raise ConfigError(
-            f"label={label!r}: only cifar100 has coarse labels; dataset {name!r} has 'fine' only"
-        )
+        raise ConfigError(f"label={label!r}: only cifar100 has coarse labels; dataset {name!r} has 'fine' only")
     if in_memory:
         if options:
             raise ConfigError(f"dataset {name!r} takes no option(s) {', '.join(sorted(options))}")

@@ -31,15 +31,11 @@ IMAGENET_PCA = {
 }
 
 
-def _as_stats(
-    mean: Sequence[float], std: Sequence[float], channels: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     m = torch.as_tensor(list(mean), dtype=torch.float32)
     s = torch.as_tensor(list(std), dtype=torch.float32)
     if m.numel() != channels or s.numel() != channels:
-        raise ConfigError(
-            f"normalisation mean/std need {channels} value(s) each, got {m.numel()} and {s.numel()}"
-        )
+        raise ConfigError(f"normalisation mean/std need {channels} value(s) each, got {m.numel()} and {s.numel()}")
     if bool((s <= 0).any()):
         raise ConfigError(f"normalisation std must be positive, got {s.tolist()}")
     return m.view(1, -1, 1, 1), s.view(1, -1, 1, 1)
@@ -49,7 +45,7 @@ class BatchAugment:
     """Batched transform of a uint8 batch ``(B, C, H, W)`` into a normalised float batch ``(B, C, S, S)``.
 
     Training (``train=True``): optional resize to ``size``, zero ``pad``, random ``size`` crop and random
-    horizontal flip, all drawn per image from ``generator`` and applied by one gather. Evaluation:
+    horizontal flip, all drawn per image from ``generator`` and applied by two gathers. Evaluation:
     resize to ``size`` when the images have another size, then normalise.
     """
 
@@ -72,16 +68,17 @@ class BatchAugment:
         self.size, self.train, self.pad, self.flip = size, train, pad if train else 0, flip and train
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = images.float().div_(255.0)
+        x, scale = images, 255.0
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(
-                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
-            )
+            x, scale = x.float().div_(255.0), 1.0
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         if self.train and (self.pad or self.flip):
-            x = self._crop_flip(x, generator)
-        return x.sub_(self._mean).div_(self._std)
+            x = self._crop_flip(x, generator)  # on uint8 when no resize: 4x less memory traffic
+        # (x / scale - mean) / std in two in-place passes
+        return x.float().mul_(1.0 / (scale * self._std)).sub_(self._mean / self._std)
 
     def _crop_flip(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Per-image offsets and flips drawn from ``generator``; rows then columns picked by two gathers."""
         b, c, s, p = x.shape[0], x.shape[1], self.size, self.pad
         x = F.pad(x, (p, p, p, p)) if p else x
         oy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
@@ -92,9 +89,8 @@ class BatchAugment:
         if self.flip:
             flipped = torch.rand(b, 1, generator=generator) < 0.5
             cols = torch.where(flipped, ox + (s - 1 - ar), cols)
-        bi = torch.arange(b).view(b, 1, 1, 1)
-        ci = torch.arange(c).view(1, c, 1, 1)
-        return x[bi, ci, rows.view(b, 1, s, 1), cols.view(b, 1, 1, s)]
+        x = x.gather(2, rows.view(b, 1, s, 1).expand(b, c, s, x.shape[-1]))
+        return x.gather(3, cols.view(b, 1, 1, s).expand(b, c, s, s))
 
     def __repr__(self) -> str:
         return f"BatchAugment(size={self.size}, train={self.train}, pad={self.pad}, flip={self.flip})"
@@ -159,9 +155,7 @@ def large_train_transform(
     return ImageTransform(steps)
 
 
-def large_eval_transform(
-    mean: Sequence[float], std: Sequence[float], *, crop: int, scale: int
-) -> ImageTransform:
+def large_eval_transform(mean: Sequence[float], std: Sequence[float], *, crop: int, scale: int) -> ImageTransform:
     """Evaluation: shortest side resized to ``Q = scale``, then the centre ``crop``."""
     _check_scale(scale, crop, "test_scale")
     return ImageTransform(
@@ -199,11 +193,7 @@ def build_transforms(
             BatchAugment(mean, std, size=image_size, train=False),
         )
     scale = list(train_scale) if train_scale else [round(image_size * 256 / 224)]
-    q = (
-        test_scale
-        if test_scale is not None
-        else (scale[0] if len(scale) == 1 else (scale[0] + scale[-1]) // 2)
-    )
+    q = test_scale if test_scale is not None else (scale[0] if len(scale) == 1 else (scale[0] + scale[-1]) // 2)
     train = large_train_transform(
         mean, std, crop=image_size, scale=scale, flip=flip, color_shift=color_shift, pca=stats
     )

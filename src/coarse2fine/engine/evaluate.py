@@ -125,7 +125,7 @@ def evaluate(
     """Accuracy metrics of ``model`` on ``loader`` (summed over all ranks)."""
     start = time.perf_counter()
     dev = resolve_device(device)
-    net = du.unwrap(model)
+    net = du.unwrap(model).to(dev)  # a model loaded on the CPU follows the data to the device
     was_training = net.training
     net.eval()
     dtype = autocast_dtype(amp, dev)
@@ -197,7 +197,7 @@ def predict_proba(
     and interleaved back into order on every rank.
     """
     dev = resolve_device(device)
-    net = du.unwrap(model)
+    net = du.unwrap(model).to(dev)  # a model loaded on the CPU follows the data to the device
     was_training = net.training
     net.eval()
     dtype = autocast_dtype(amp, dev)

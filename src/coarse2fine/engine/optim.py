@@ -129,11 +129,14 @@ class Scheduler:
         return {"scheduler": self.scheduler.state_dict(), "steps": self.steps, "reductions": self.reductions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # the schedule's shape (warm-up, total steps) follows the current config, so a resumed run may
+        # be given more epochs; only its progress (step count, last lr) comes from the checkpoint
         inner = dict(state["scheduler"])
         if isinstance(self.scheduler, LambdaLR) and "lr_lambdas" in inner:
-            # the schedule's shape (warm-up, total steps) follows the current config, so a resumed run
-            # may be given more epochs; only its progress comes from the checkpoint
             inner["lr_lambdas"] = [None] * len(inner["lr_lambdas"])
+        if isinstance(self.scheduler, OneCycleLR):
+            for key in ("total_steps", "_schedule_phases"):
+                inner.pop(key, None)
         self.scheduler.load_state_dict(inner)
         self.steps = int(state["steps"])
         self.reductions = int(state["reductions"])

@@ -21,7 +21,8 @@ no scale is below the crop (28x28 Fashion-MNIST: {28, 31, 34}; 32x32 CIFAR: {32,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -206,6 +207,7 @@ def predict_views(
 ) -> tuple[Tensor, int]:
     """Softmax (B, C) of a batch under ``protocol``, averaged over views and over ``models`` (fusion).
 
+    Models run in eval mode (restored afterwards).
     ``images``: a tensor (B, C, H, W) or a list of (C, H, W) of any sizes (grouped by size).
     Returns the probabilities on the CPU and the views per image per model.
     """
@@ -215,7 +217,21 @@ def predict_views(
         raise ModelError("protocol: no model given")
     runners = [_Runner(m, max_batch) for m in model_list]
     q = _resolve_scales(runners, protocol, scales, train_scale, test_scale)
-    return _predict(runners, images, protocol, q, flip, mean, std)
+    with _eval_mode(model_list):
+        return _predict(runners, images, protocol, q, flip, mean, std)
+
+
+@contextmanager
+def _eval_mode(models: list[nn.Module]) -> Iterator[None]:
+    """Models in eval mode for the duration, then back to their own modes."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 @torch.inference_mode()
@@ -273,18 +289,12 @@ def evaluate_protocol(
         raise ModelError("protocol: no model given")
     runners = [_Runner(m, max_batch) for m in model_list]
     q = _resolve_scales(runners, protocol, scales, train_scale, test_scale)
-    modes = [m.training for m in model_list]
-    for m in model_list:
-        m.eval()
     probs, targets, views = [], [], 0
-    try:
+    with _eval_mode(model_list):
         for images, labels in batches:
             p, views = _predict(runners, images, protocol, q, flip, mean, std)
             probs.append(p.numpy())
             targets.append(torch.as_tensor(labels).cpu().numpy().astype(np.int64))
-    finally:
-        for m, mode in zip(model_list, modes):
-            m.train(mode)
     if not probs:
         raise ModelError("protocol: the loader gave no batches")
     return ProtocolResult(np.concatenate(probs), np.concatenate(targets), views)

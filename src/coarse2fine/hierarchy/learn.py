@@ -169,7 +169,8 @@ def cluster_classes(
     ``method="spectral"`` (paper, default): scikit-learn ``SpectralClustering`` on the precomputed
     :func:`spectral_affinity` of ``D``, seeded; exactly ``num_coarse`` groups.
     ``method="affinity"`` (authors' released code): a symmetric kNN graph (``knn`` neighbours, default
-    ``max(2, round(sqrt(C)))``) with weights ``exp(-D/t)`` (``t`` default: median kNN distance), a
+    ``max(2, round(sqrt(C)))``, among the classes it was confused with at least once; a tiny floor
+    weight keeps the graph connected) with weights ``exp(-D/t)`` (``t`` default: median kNN distance), a
     Laplacian eigenmap (``SpectralEmbedding``, ``n_components`` default ``num_coarse - 1``: K groups
     need K-1 non-constant eigenvectors) and
     ``AffinityPropagation`` (``preference`` default: median similarity) -- the number of groups is an

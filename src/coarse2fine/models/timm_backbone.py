@@ -135,6 +135,7 @@ class TimmBackbone(Backbone):
             if self.token_layout == "nchw":  # CNNs run on any size: trace on a small one
                 h, w = min(h, 64), min(w, 64)
             x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0))
+            x = x.to(next(self.model.parameters()).device)
             ref = self.model.forward_features(x)
             for h in handles:
                 h.remove()

@@ -1,0 +1,173 @@
+"""Training and inference throughput of the building blocks on the CPU (docs/BENCHMARKS.md).
+
+For each model: images/s and achieved GFLOP/s (FlopCounterMode: 2 per multiply-add, forward +
+backward for training) at a given batch, channels_last, fp32; as a fraction of this machine's
+fp32 matmul peak (square ``torch.mm``, measured in the same run); and as a ratio against
+torchvision's VGG of the same configuration. For the small VGGs torchvision has no model, so the
+reference is the torchvision way of building one: ``torchvision.models.vgg.make_layers`` with the
+same layer list, ``AdaptiveAvgPool2d`` to the final map and the same FC head (nn.Sequential).
+
+    .venv/bin/python benchmarks/throughput.py                       # short run (a few iterations)
+    .venv/bin/python benchmarks/throughput.py --iters 20 --warmup 3  # the full version
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import vgg as tv_vgg
+
+from coarse2fine.models import create_model
+
+
+@dataclass
+class Case:
+    name: str  # our model name
+    in_chans: int
+    size: int
+    reference: str | None  # torchvision model name, "small:<cfg>" for the make_layers twin, or None
+    batch: int = 128
+
+
+CASES = {
+    "vgg_small_bn": Case("vgg_small_bn", 1, 28, "small"),
+    "vgg_small": Case("vgg_small", 1, 28, "small"),
+    "vgg16_small_bn": Case("vgg16_small_bn", 3, 32, "small"),
+    "vgg11": Case("vgg11", 3, 64, "vgg11"),
+    "vgg11_bn": Case("vgg11_bn", 3, 64, "vgg11_bn"),
+    "nin": Case("nin", 3, 32, None),
+}
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 GFLOP/s of an n x n matrix product."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def torchvision_twin(ours: nn.Module, reference: str, num_classes: int) -> nn.Module:
+    """torchvision's model, or for small VGGs the same layers built the torchvision way."""
+    if reference != "small":
+        return getattr(tv_vgg, reference)(num_classes=num_classes)
+    cfg: list[int | str] = []
+    bn = False
+    for i in range(1, ours.num_stages + 1):
+        stage = getattr(ours, f"stage{i}")
+        cfg += [m.out_channels for m in stage if isinstance(m, nn.Conv2d)]
+        bn = bn or any(isinstance(m, nn.BatchNorm2d) for m in stage)
+        if any(isinstance(m, nn.MaxPool2d) for m in stage):
+            cfg.append("M")
+    first = ours.stage1.conv1.in_channels
+    features = tv_vgg.make_layers(cfg, batch_norm=bn)
+    if first != 3:
+        features[0] = nn.Conv2d(first, features[0].out_channels, 3, padding=1)
+    _, h, w = ours.final_map
+    head = ours.head
+    return nn.Sequential(
+        features, nn.AdaptiveAvgPool2d((h, w)), nn.Flatten(1),
+        *[copy.deepcopy(m) for m in head.children() if not isinstance(m, nn.Flatten)],
+    )
+
+
+def flops_per_image(model: nn.Module, shape: tuple[int, ...], train: bool) -> float:
+    x = torch.randn(2, *shape)
+    counter = FlopCounterMode(display=False)
+    model.train(train)
+    with counter:
+        out = model(x)
+        if train:
+            F.cross_entropy(out, torch.zeros(2, dtype=torch.long)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def measure(model: nn.Module, case: Case, num_classes: int, warmup: int, iters: int) -> dict[str, float]:
+    model = model.to(memory_format=torch.channels_last)
+    shape = (case.in_chans, case.size, case.size)
+    x = torch.randn(case.batch, *shape).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (case.batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    for _ in range(warmup):
+        step()
+    train_t = statistics.median(_timed(step) for _ in range(iters))
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        infer_t = statistics.median(_timed(lambda: model(x)) for _ in range(iters))
+    return {
+        "train_ips": case.batch / train_t,
+        "infer_ips": case.batch / infer_t,
+        "train_gflops": flops_per_image(model, shape, True) * case.batch / train_t / 1e9,
+        "infer_gflops": flops_per_image(model, shape, False) * case.batch / infer_t / 1e9,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["vgg_small_bn", "vgg16_small_bn", "vgg11"],
+                        choices=sorted(CASES))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--classes", type=int, default=10)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    peak = matmul_peak()
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
+          f"fp32 matmul peak {peak:.1f} GFLOP/s; batch {args.batch}, warmup {args.warmup}, iters {args.iters} (median)")
+    print()
+    print("| model | input | impl | train img/s | train GFLOP/s | train % peak | infer img/s | infer GFLOP/s "
+          "| infer % peak | ours / torchvision (train, infer) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        case = CASES[name]
+        case.batch = args.batch
+        ours = create_model(name, args.classes, in_chans=case.in_chans, input_size=case.size)
+        rows = [("ours", measure(ours, case, args.classes, args.warmup, args.iters))]
+        if case.reference:
+            ref = torchvision_twin(ours, case.reference, args.classes)
+            label = f"torchvision {case.reference}" if case.reference != "small" else "torchvision make_layers"
+            rows.append((label, measure(ref, case, args.classes, args.warmup, args.iters)))
+        for i, (impl, r) in enumerate(rows):
+            ratio = ""
+            if i == 0 and len(rows) > 1:
+                ref_r = rows[1][1]
+                ratio = f"{r['train_ips'] / ref_r['train_ips']:.2f}x, {r['infer_ips'] / ref_r['infer_ips']:.2f}x"
+            print(f"| {name} | {case.in_chans}x{case.size}x{case.size} | {impl} | {r['train_ips']:.0f} | "
+                  f"{r['train_gflops']:.1f} | {100 * r['train_gflops'] / peak:.0f}% | {r['infer_ips']:.0f} | "
+                  f"{r['infer_gflops']:.1f} | {100 * r['infer_gflops'] / peak:.0f}% | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
