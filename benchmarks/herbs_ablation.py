@@ -20,9 +20,11 @@ Short run (shared CPU): python benchmarks/herbs_ablation.py --epochs 1 --limit-t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timing-batch", type=int, default=256)
     p.add_argument("--timing-reps", type=int, default=10)
+    p.add_argument("--json", default=None, help="also write the rows here (rewritten after every arm)")
     return p.parse_args()
 
 
@@ -166,8 +169,9 @@ def activation_bytes(model: nn.Module, objective: nn.Module, x: Tensor, y: Tenso
     return sum(seen.values()), peak
 
 
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def n_params(model: nn.Module, trainable: bool = True) -> int:
+    """Parameters that train (HERBS freezes the backbone classifier it never uses)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
 def main() -> None:
@@ -209,29 +213,38 @@ def main() -> None:
                 "time_ratio": t_model / t_backbone,
                 "ms": 1000 * t_model,
                 "params": n_params(model),
-                "param_ratio": n_params(model) / n_params(backbone),
+                "param_ratio": n_params(model) / n_params(backbone, trainable=False),
                 "act_ratio": act / act_b,
                 "peak_ratio": (peak / peak_b) if peak_b else float("nan"),
             }
         )
-    base = next((r["top1"] for r in rows if r["arm"] == "plain"), None)
+        print(f"done: {rows[-1]}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     print(
         f"\nFashion-MNIST, backbone {args.model}, {args.epochs} epoch(s), {len(ytr)} training / {len(yte)} "
         f"test images, batch {args.batch_size}, device {args.device}\n"
     )
-    print(
-        "| arm | test top-1 | vs plain (points) | s/epoch | forward ms (batch "
-        f"{args.timing_batch}) | forward time / backbone | params | params / backbone | "
-        "activation memory / backbone | peak CUDA memory / backbone |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(table(rows, args.timing_batch))
+
+
+def table(rows: list[dict[str, Any]], timing_batch: int) -> str:
+    """The markdown table; accuracy deltas are against the ``plain`` arm of the same run."""
+    base = next((r["top1"] for r in rows if r["arm"] == "plain"), None)
+    lines = [
+        f"| arm | test top-1 | vs plain (points) | s/epoch | forward ms (batch {timing_batch}) | "
+        "forward time / backbone | trained params | params / backbone | activation memory / backbone | "
+        "peak CUDA memory / backbone |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         delta = f"{100 * (r['top1'] - base):+.2f}" if base is not None else "n/a"
-        print(
+        lines.append(
             f"| {r['arm']} | {100 * r['top1']:.2f} % | {delta} | {r['sec_epoch']:.1f} | {r['ms']:.1f} | "
             f"{r['time_ratio']:.2f} | {r['params'] / 1e6:.2f} M | {r['param_ratio']:.2f} | "
             f"{r['act_ratio']:.2f} | {r['peak_ratio']:.2f} |"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -182,3 +182,22 @@ def test_python_dash_m_entry_point() -> None:
 
     res = subprocess.run([sys.executable, "-m", "coarse2fine", "--help"], capture_output=True, text=True, check=False)
     assert res.returncode == 0 and "train" in res.stdout
+
+
+@pytest.mark.parametrize("protocol", ["dense", "multicrop", "dense+multicrop"])
+def test_eval_protocols_and_fusion(trained_run: Path, protocol: str, capsys: pytest.CaptureFixture[str]) -> None:
+    best = str(trained_run / "checkpoints" / "best.pt")
+    out = trained_run / f"ev_{protocol}"
+    assert main(["eval", "--checkpoint", best, "--checkpoint", best, "--protocol", protocol, "-q", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 model(s)" in text
+    metrics = json.loads((out / f"test_{protocol.replace('+', '_')}_metrics.json").read_text())
+    assert metrics["num_samples"] == 100 and metrics["top1"] > 0.3  # the model learned; chance is 0.1
+    if protocol == "multicrop":
+        assert "150 view(s)" in text  # 5x5 crops x 2 flips x 3 scales
+
+
+def test_eval_unknown_protocol_is_refused(trained_run: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"), "--protocol", "tencrop"])
+    assert exc.value.code == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import ClassVar
 
 import numpy as np
@@ -162,6 +163,7 @@ def test_compute_mean_std_in_memory_and_files(tmp_path):
     fstats = compute_mean_std(ImageFolderDataset(tmp_path), max_samples=4)
     assert fstats["num_images"] == 4 and len(fstats["mean"]) == 3
     assert abs(fstats["mean"][2] - 7 / 255) < 1e-9  # blue channel is 7 everywhere
+    assert fstats["std"][2] == pytest.approx(1 / 255)  # a constant channel's std is floored at one grey level
     gray = compute_mean_std(tiny_memory((4, 4), channels=1))
     assert len(gray["mean"]) == 1 and "eigval" not in gray
 
@@ -271,6 +273,21 @@ def test_crashed_worker_gives_data_error():
     loader = build_loader(_DyingDataset(), lambda x: x, batch_size=2, workers=1, timeout=30)
     with pytest.raises(DataError, match=r"data loading worker failed while reading dying-dataset"):
         list(loader)
+
+
+class _HangingDataset(_DyingDataset):
+    source = "hanging-dataset"
+
+    def __getitem__(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            time.sleep(30)
+        return torch.zeros(3, 2, 2), 0
+
+
+def test_hung_worker_times_out_with_data_error():
+    loader = build_loader(_HangingDataset(), lambda x: x, batch_size=2, workers=1, timeout=2)
+    with pytest.raises(DataError, match=r"worker failed while reading hanging-dataset \(DataLoader timed out"):
+        next(iter(loader))
 
 
 def test_worker_data_error_keeps_its_message(tmp_path):

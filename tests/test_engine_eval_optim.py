@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import confusion_matrix, recall_score, top_k_accuracy_score
+from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, top_k_accuracy_score
 
 from coarse2fine.config import OptimConfig, ScheduleConfig
 from coarse2fine.engine import (
@@ -64,6 +64,11 @@ def test_evaluate_matches_hand_computation() -> None:
     assert res.heads["neg"] == pytest.approx(float(((-s).argmax(1) == y).mean()))
     assert res.loss == pytest.approx(F.cross_entropy(scores, targets).item(), rel=1e-5)
     assert res.mean_class_accuracy == pytest.approx(float(np.mean(present)))
+    precision, _, f1 = res.precision_recall_f1()
+    assert np.allclose(f1, f1_score(y, pred, labels=labels, average=None, zero_division=0))
+    assert np.allclose(precision, precision_score(y, pred, labels=labels, average=None, zero_division=0))
+    summary = res.to_dict()
+    assert summary["macro_f1"] == pytest.approx(f1_score(y, pred, labels=labels[:-1], average="macro"))
 
 
 def test_predict_proba_is_softmax_in_order() -> None:

@@ -21,7 +21,7 @@ from coarse2fine.engine import (
     load_checkpoint,
 )
 from coarse2fine.engine import checkpoint as ckpt_mod
-from coarse2fine.errors import CheckpointError
+from coarse2fine.errors import CheckpointError, ConfigError
 from test_engine_helpers import (
     CLASSES,
     EPOCHS,
@@ -248,5 +248,53 @@ def test_metadata_is_stored_as_plain_data(tmp_path: Path) -> None:
             config_dict={},
             classes=CLASSES,
             metadata={"bad": object()},
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"nan_policy": "ignore"}, r"train\.nan_policy.*'ignore'"),
+        ({"amp": "fp8"}, r"train\.amp.*'fp8'"),
+        ({"accumulate": 0}, r"train\.accumulate"),
+        ({"epochs": 0}, r"train\.epochs"),
+    ],
+)
+def test_bad_train_settings_are_config_errors(tmp_path: Path, override: dict[str, Any], message: str) -> None:
+    tr, va = make_loaders()
+    tcfg, ocfg, scfg = configs(**override)
+    with pytest.raises(ConfigError, match=message):
+        fit(
+            make_model(),
+            CrossEntropyObjective(),
+            tr,
+            va,
+            train_cfg=tcfg,
+            optim_cfg=ocfg,
+            schedule_cfg=scfg,
+            run_dir=tmp_path,
+            config_dict={},
+            classes=CLASSES,
+            progress=False,
+        )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_empty_training_loader_is_a_config_error(tmp_path: Path) -> None:
+    tr, va = make_loaders(batch_size=512)  # 256 samples, drop_last
+    tcfg, ocfg, scfg = configs()
+    with pytest.raises(ConfigError, match="no batch"):
+        fit(
+            make_model(),
+            CrossEntropyObjective(),
+            tr,
+            va,
+            train_cfg=tcfg,
+            optim_cfg=ocfg,
+            schedule_cfg=scfg,
+            run_dir=tmp_path,
+            config_dict={},
+            classes=CLASSES,
             progress=False,
         )

@@ -171,3 +171,58 @@ def test_bad_inputs() -> None:
         HDCNN(TinyBlock(3), [["a", "b"], ["zebra"]], "stage1", class_names=["a", "b", "c"])
     with pytest.raises(ModelError, match="fine_exec"):
         HDCNN(TinyBlock(6), SETS, "stage1", fine_exec="threads")
+
+
+def test_channels_last_matches_and_state_dict_roundtrip() -> None:
+    model = make(sharp=5.0).eval()
+    x = torch.randn(4, 1, 8, 8)
+    ref = model(x)["probs"]
+    model.to(memory_format=torch.channels_last)  # the engine does this; stacked conv weights follow
+    assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last))["probs"], ref, atol=1e-5)
+    fresh = HDCNN(TinyBlock(6), SETS, "stage1")
+    fresh.load_state_dict(model.state_dict())
+    assert torch.allclose(fresh.eval()(x)["probs"], ref, atol=1e-5)
+
+
+def test_param_groups_keep_stacked_biases_and_norms_out_of_weight_decay() -> None:
+    from coarse2fine.hdcnn.pipeline import hdcnn_param_groups
+
+    model = make()
+    decay, no_decay = hdcnn_param_groups(model)
+    assert no_decay["weight_decay"] == 0.0
+    stacked = model.fine.stacked()[0]
+    ids = {id(p) for p in no_decay["params"]}
+    assert id(model.fine.get_parameter("head__3__bias")) in ids  # (K, S_max) stacked bias
+    assert id(model.fine.get_parameter("body__1__weight")) in ids  # (K, C) stacked BN weight
+    assert id(model.fine.get_parameter("head__3__weight")) not in ids
+    assert stacked["head.3.weight"].dim() == 3
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_compress_hdcnn_quantises_every_part() -> None:
+    from coarse2fine.hdcnn.evaluation import compress_hdcnn
+
+    torch.manual_seed(0)
+    model = HDCNN(TinyBlock(6, width=32), SETS, "stage1").eval()
+    x = torch.randn(4, 1, 8, 8)
+    before = model(x)["probs"]
+    fine_w = model.fine.stacked()[0]["body.0.weight"].clone()
+    spec = {"shared": {"stem.0": (3, 4)}, "coarse": {"body.0": (4, 8)}, "fine": {"body.0": (4, 8)}}
+    report = compress_hdcnn(model, spec)
+    assert report["bytes_after"] < report["bytes_before"]
+    assert type(model.shared.stem[0]).__name__ == "PQConv2d"
+    after_w = model.fine.stacked()[0]["body.0.weight"]
+    assert not torch.equal(after_w, fine_w)  # fine components hold the quantised weights
+    for k in range(3):  # 8 centres per segment: at most 8 distinct rows-segments per component
+        seg = after_w[k].reshape(32, -1)[:, :4]
+        assert torch.unique(seg, dim=0).shape[0] <= 8
+    after = model(x)["probs"]
+    assert torch.allclose(after.sum(1), torch.ones(4), atol=1e-5)
+    assert (after - before).abs().max() < 0.5
+
+
+def test_default_beta_and_explicit_none() -> None:
+    model = make(beta=1.0, sharp=30.0).eval()
+    x = torch.randn(8, 1, 8, 8)
+    assert model(x)["components_run"].float().mean() < 3  # self.beta routes
+    assert model(x, beta=None)["components_run"].tolist() == [3] * 8  # None: every component

@@ -13,7 +13,7 @@ import yaml
 
 from coarse2fine.config import RunConfig, load_config, to_dict
 from coarse2fine.engine.checkpoint import load_checkpoint
-from coarse2fine.errors import ConfigError, ModelError
+from coarse2fine.errors import CheckpointError, ConfigError, ModelError
 from coarse2fine.hdcnn import HDCNN, pipeline
 from test_hdcnn_helpers import TinyBlock, write_fashion_mnist
 
@@ -35,6 +35,7 @@ def make_cfg(tmp_path: Path, *overrides: str) -> RunConfig:
             "optim.lr=0.05",
             "schedule.name=constant",
             "train.epochs=1",
+            "train.threads=1",
             "train.device=cpu",
             "train.amp='off'",
             "hdcnn.num_coarse=3",
@@ -204,3 +205,20 @@ def test_bad_configs(tmp_path: Path, tiny_block: None) -> None:
         pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.beta=-1"), progress=False)
     with pytest.raises(ModelError, match="stage1"):
         pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.branch_stage=stage7", "hdcnn.block_epochs=1"), progress=False)
+
+
+def test_bad_checkpoints(
+    finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coarse2fine.cli import main
+    from coarse2fine.engine.checkpoint import save_checkpoint
+
+    # a plain block checkpoint is not an HD-CNN: clean error naming the file, exit 2
+    block = finished[0].run_dir / "block.pt"
+    assert main(["hdcnn", "eval", "--checkpoint", str(block), "--no-progress"]) == 2
+    assert "hierarchy" in capsys.readouterr().err
+    # a building block of another architecture for these classes
+    other = tmp_path / "other.pt"
+    save_checkpoint({"model": TinyBlock(10, 1, width=16).state_dict(), "classes": finished[1]["classes"]}, other)
+    with pytest.raises(CheckpointError, match=r"other\.pt"):
+        pipeline.run_pipeline(make_cfg(tmp_path, f"hdcnn.block_checkpoint={other}"), progress=False)

@@ -42,9 +42,7 @@ class TinyCNN(Backbone):
             prev = c
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(prev, num_classes))
-        self.feature_info = [
-            StageInfo(f"stage{i + 1}", c, 2 ** (i + 1), f"blocks.{i}") for i, c in enumerate(chans)
-        ]
+        self.feature_info = [StageInfo(f"stage{i + 1}", c, 2 ** (i + 1), f"blocks.{i}") for i, c in enumerate(chans)]
 
     def sequence(self) -> list[tuple[str, nn.Module]]:
         return [*((f"blocks.{i}", b) for i, b in enumerate(self.blocks)), ("head", self.head)]
@@ -76,9 +74,7 @@ class TinyTokens(Backbone):
         self.head = nn.Linear(dim * 4, num_classes)
         reds = [4, 8, 16, 16]
         chans = [dim, dim * 2, dim * 4, dim * 4]
-        self.feature_info = [
-            StageInfo(f"stage{i + 1}", c, r, f"s{i}") for i, (c, r) in enumerate(zip(chans, reds))
-        ]
+        self.feature_info = [StageInfo(f"stage{i + 1}", c, r, f"s{i}") for i, (c, r) in enumerate(zip(chans, reds))]
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         g = self.embed(x)
@@ -172,11 +168,7 @@ def test_selector_keeps_top_k(rank_by: str) -> None:
     feats, logits = torch.randn(b, n, f), torch.randn(b, n, c) * 3
     sel = Selector([5], ["stage4"], rank_by)
     (s,) = sel([feats], [logits])
-    assert (
-        s.kept.shape == (b, 5, f)
-        and s.kept_logits.shape == (b, 5, c)
-        and s.dropped_logits.shape == (b, 15, c)
-    )
+    assert s.kept.shape == (b, 5, f) and s.kept_logits.shape == (b, 5, c) and s.dropped_logits.shape == (b, 15, c)
     probs = logits.softmax(-1)
     for i in range(b):
         score = probs[i].max(-1).values if rank_by == "paper" else probs[i, :, logits[i].mean(0).argmax()]
@@ -239,9 +231,7 @@ def test_losses_on_hand_made_inputs() -> None:
     assert torch.allclose(out["loss"], out["merged"] + 0.3 * out["layer"], atol=1e-5)
     # dropped logits at 0 -> tanh 0 -> squared error 1 per stage
     out = obj({"dropped": [torch.zeros(2, 4, 3), torch.zeros(1, 2, 3)]}, y)
-    assert torch.allclose(out["dropped"], torch.tensor(2.0)) and torch.allclose(
-        out["loss"], torch.tensor(10.0)
-    )
+    assert torch.allclose(out["dropped"], torch.tensor(2.0)) and torch.allclose(out["loss"], torch.tensor(10.0))
     # refinement: KL(p || q) of the tempered softmaxes; gradient reaches only the student
     s = torch.randn(2, 4, 3, requires_grad=True)
     t = torch.randn(2, 4, 3, requires_grad=True)
@@ -274,10 +264,12 @@ def test_basic_variants() -> None:
     ref, obj = build_herbs(TinyCNN(), NUM_CLASSES, cfg_(basic="refine"), input_size=32)
     out = ref(torch.randn(2, 1, 32, 32))
     check_outputs(out, 2, {"td_1", "bu_2"})
-    assert ref.stage_names == ["stage3", "stage4"] and "merged" not in out and "dropped" not in out
+    assert ref.stage_names == ["stage3", "stage4"] and "dropped" not in out
+    assert out["merged"] is out["heads"]["bu_2"] and out["layer_logits"] == []
     assert out["refine_student"][0].shape == out["refine_target"][0].shape == (2, 16, NUM_CLASSES)
     terms = obj(out, torch.tensor([0, 1]))
-    assert terms["refine"] > 0 and terms["merged"] == 0
+    assert terms["refine"] > 0 and terms["layer"] == 0
+    assert torch.allclose(terms["merged"], F.cross_entropy(out["heads"]["bu_2"], torch.tensor([0, 1])))
 
 
 def test_ablation_switches() -> None:
@@ -305,6 +297,12 @@ def test_bad_inputs_stages() -> None:
         build_herbs(TinyCNN(), NUM_CLASSES, cfg_(num_selects=[8, 8, 8, 8]), input_size=32)
     with pytest.raises(ConfigError):
         build_herbs(TinyCNN(), NUM_CLASSES, cfg_(basic="both"), input_size=32)
+    with pytest.raises(ModelError, match="basic='refine' needs at least 2"):
+        build_herbs(TinyCNN(stages=1), NUM_CLASSES, cfg_(basic="refine"), input_size=32)
+    with pytest.raises(ConfigError, match="2 entries for 1 stages"):
+        build_herbs(TinyCNN(), NUM_CLASSES, cfg_(basic="bs", num_selects=[0.5, 0.5]), input_size=32)
+    bs, _ = build_herbs(TinyCNN(stages=1), NUM_CLASSES, cfg_(basic="bs"), input_size=32)
+    assert bs.stage_names == ["stage1"] and bs.kept_counts == [round(256 * 32 / 144)]
     # the unused classifier head of the backbone is frozen, everything HERBS uses trains
     model, _ = build_herbs(TinyCNN(), NUM_CLASSES, cfg_(stages=["stage2", "stage3"]), input_size=32)
     assert {n.split(".")[0] for n in model.frozen_unused} == {"head", "blocks"}

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from coarse2fine import data as D
 from coarse2fine.config import RunConfig, config_from_dict
@@ -154,6 +156,34 @@ def build_loaders(cfg: RunConfig, bundle: DataBundle, *, rank: int = 0, world_si
         train=train,
         val=eval_loader(cfg, bundle.val, bundle.eval_transform, **kw),
         test=eval_loader(cfg, bundle.test, bundle.eval_transform, **kw),
+    )
+
+
+class _NativeImages(torch.utils.data.Dataset):
+    """Images of a file dataset as uint8 (C, H, W) tensors at their native size (for test protocols)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return pil_to_tensor(image), int(label)
+
+
+def native_loader(cfg: RunConfig, dataset: Any) -> Any:
+    """Batches at native resolution for ``engine.protocols``: the in-memory uint8 batches, or lists of
+    differently sized image tensors from a file dataset (the protocols resize them to each scale Q)."""
+    d = cfg.data
+    batch = d.eval_batch_size or 2 * d.batch_size
+    if getattr(dataset, "in_memory", False):
+        return D.build_loader(dataset, None, batch_size=batch, shuffle=False, drop_last=False, pad_shards=False)
+    from coarse2fine.engine.protocols import collate_list
+
+    return torch.utils.data.DataLoader(
+        _NativeImages(dataset), batch_size=batch, shuffle=False, num_workers=d.workers, collate_fn=collate_list
     )
 
 

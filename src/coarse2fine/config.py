@@ -88,6 +88,7 @@ class TrainConfig:
     compile: bool = False
     threads: int | None = None  # torch.set_num_threads; None: leave as is
     keep_checkpoints: int = 3  # per-epoch checkpoints/epoch_XXX.pt kept besides last.pt and best.pt
+    find_unused_parameters: bool = False  # DDP: for models whose forward skips some parameters
 
 
 @dataclass

@@ -80,7 +80,7 @@ def print_run_report(report: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from coarse2fine.build import build_datasets, eval_loader, load_trained
+    from coarse2fine.build import build_datasets, eval_loader, load_trained, native_loader
     from coarse2fine.engine import evaluate, save_eval_artifacts
 
     trained = [load_trained(p) for p in args.checkpoint]
@@ -106,20 +106,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(first.model, loader, num_classes=len(first.classes), progress=not args.quiet, desc=args.split)
         views = 1
     else:
+        from coarse2fine.engine.evaluate import metrics_from_probs
         from coarse2fine.engine.protocols import evaluate_protocol
 
-        result, views = evaluate_protocol(
+        stats = first.metadata["data_stats"]
+        probs, targets, views = evaluate_protocol(
             [t.model for t in trained],
-            dataset,
-            protocol=protocol,
-            stats=first.metadata["data_stats"],
-            crop_size=first.metadata["image_size"],
-            train_scale=cfg.data.train_scale,
+            native_loader(cfg, dataset),
+            protocol,
             scales=args.scales or cfg.eval.scales,
+            train_scale=cfg.data.train_scale,
+            test_scale=cfg.data.test_scale,
             flip=not args.no_flip,
-            batch_size=cfg.eval.batch_size or cfg.data.eval_batch_size or 2 * cfg.data.batch_size,
-            progress=not args.quiet,
+            mean=stats["mean"],
+            std=stats["std"],
         )
+        result = metrics_from_probs(probs, targets, len(first.classes))
     seconds = time.perf_counter() - start
     paths = save_eval_artifacts(result, out, first.classes, prefix=f"{args.split}_{protocol.replace('+', '_')}")
     print(f"{args.split} ({result.num_samples} images), protocol {protocol}, {len(trained)} model(s), {views} view(s)")
@@ -218,9 +220,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     hcfg = load_config(args.hdcnn_config, h_over)
     print(f"\ndemo: HD-CNN on top of that building block -> {hcfg.run_dir}")
     hreport = run_pipeline(hcfg, resume=True, progress=not args.quiet)
-    from coarse2fine.cli.hdcnn import print_pipeline_report
+    from coarse2fine.cli.hdcnn import print_report
 
-    print_pipeline_report(hreport)
+    print_report(hreport)
     print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 

@@ -13,10 +13,11 @@ Two kinds of dataset follow the data contract in ``docs/ARCHITECTURE.md``:
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,13 +197,17 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
 class PathTable(Sequence[str]):
     """File paths packed in one uint8 buffer plus offsets: no per-path Python objects, so forked loader
-    workers do not copy the table page by page as reference counts change (memory flat in N)."""
+    workers do not copy the table page by page as reference counts change, and a million paths cost
+    tens of MB. Built incrementally from any iterable (a generator keeps the listing itself small)."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
-        encoded = [os.fsencode(p) for p in paths]
-        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
-        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    def __init__(self, paths: Iterable[str]) -> None:
+        buffer = bytearray()
+        offsets = array.array("q", [0])
+        for path in paths:
+            buffer += os.fsencode(path)
+            offsets.append(len(buffer))
+        self._buffer = np.frombuffer(bytes(buffer), dtype=np.uint8)
+        self._offsets = np.frombuffer(offsets, dtype=np.int64).copy()
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -261,9 +266,9 @@ class ImageFileDataset(torch.utils.data.Dataset):
         self.skipped: dict[str, str] = {}
         keep = self._check_files(paths) if check_files else None
         if keep is not None:
-            paths = [p for p, k in zip(paths, keep) if k]
+            paths = PathTable(p for p, k in zip(paths, keep) if k)
             targets = targets[np.asarray(keep, dtype=bool)]
-        self.paths = PathTable(paths)
+        self.paths = paths if isinstance(paths, PathTable) else PathTable(paths)
         self.targets = targets
         if not self.paths:
             raise DataError(f"{source}: no images" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))

@@ -111,12 +111,14 @@ def _to_tensor(data: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data.reshape(-1, 3, 32, 32)))
 
 
-def _locate(root: Any, folder: str, defaults: tuple[Path, ...], needed: tuple[str, ...]) -> tuple[Path, list[Path]]:
+def _locate(
+    root: Any, folder: str, defaults: tuple[Path, ...], needed: tuple[str, ...]
+) -> tuple[Path | None, list[Path]]:
     searched = []
     for cand in candidate_roots(root, defaults):
         searched += [cand, cand / folder]
     found = find_root(searched, lambda p: all((p / f).is_file() for f in needed))
-    return found, searched  # type: ignore[return-value]
+    return found, searched
 
 
 def _missing(name: str, needed: tuple[str, ...], folder: str, searched: list[Path], failure: str | None) -> DataError:

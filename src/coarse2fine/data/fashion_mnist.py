@@ -8,6 +8,7 @@ Search order: the given root, ``/usr/share/datasets/fashion-mnist`` (Debian pack
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ def _file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _has_split(split: str) -> object:
+def _has_split(split: str) -> Callable[[Path], bool]:
     return lambda folder: all(_file(folder, stem) is not None for stem in SPLIT_FILES[split])
 
 

@@ -10,11 +10,12 @@ hidden files and folders too. Bad images follow the ``error | skip`` policy of
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from coarse2fine.data.base import IMG_EXTENSIONS, ImageFileDataset
+from coarse2fine.data.base import IMG_EXTENSIONS, ImageFileDataset, PathTable
 from coarse2fine.errors import ConfigError, DataError
 
 SPLIT_DIRS = ("train", "val", "test")
@@ -98,20 +99,26 @@ class ImageFolderDataset(ImageFileDataset):
             extra = sorted(set(_class_dirs(folder)) - set(classes))
             if extra:
                 raise DataError(f"{folder}: class folder(s) {', '.join(extra)} are not in {class_root}")
-        paths: list[str] = []
-        targets: list[int] = []
-        for label, name in enumerate(classes):
-            files, ignored = _scan_class(folder / name, extensions) if (folder / name).is_dir() else ([], 0)
-            if not files and not allow_empty and folder == class_root:
-                other = f" ({ignored} file(s) without an image extension {', '.join(extensions)})" if ignored else ""
-                raise DataError(f"{folder / name}: class folder has no images{other}")
-            paths += files
-            targets += [label] * len(files)
+        counts: list[int] = []
+
+        def listing() -> Iterator[str]:  # one class folder at a time, straight into the packed table
+            for name in classes:
+                files, ignored = _scan_class(folder / name, extensions) if (folder / name).is_dir() else ([], 0)
+                if not files and not allow_empty and folder == class_root:
+                    other = (
+                        f" ({ignored} file(s) without an image extension {', '.join(extensions)})" if ignored else ""
+                    )
+                    raise DataError(f"{folder / name}: class folder has no images{other}")
+                counts.append(len(files))
+                yield from files
+
+        paths = PathTable(listing())
+        targets = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
         self.root = root
         self.split_dir = folder
         super().__init__(
             paths,
-            np.asarray(targets, dtype=np.int64),
+            targets,
             classes,
             source=str(folder),
             mode=mode,

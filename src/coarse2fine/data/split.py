@@ -46,7 +46,7 @@ def stratified_split(
         n = members.size
         if n == 0:
             continue
-        k = per_class if per_class is not None else max(1, round(val_fraction * n))  # type: ignore[operator]
+        k = per_class if per_class is not None else max(1, round(float(val_fraction) * n))
         if n < 2 or k >= n:
             need = k + 1 if per_class is not None else 2
             raise DataError(

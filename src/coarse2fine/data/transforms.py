@@ -225,7 +225,8 @@ def compute_mean_std(
     In-memory datasets use every image (in chunks); file datasets a seeded sample of ``max_samples``
     images shrunk to ``thumb`` pixels a side. Returns a JSON-able dict ``{"mean", "std", "eigval",
     "eigvec", "num_images"}`` (``eigval``/``eigvec``, the eigen-decomposition of the RGB covariance that
-    AlexNet's colour shift uses, for 3 channels only).
+    AlexNet's colour shift uses, for 3 channels only). A std is at least 1/255, so a constant channel does not
+    blow up the normalisation.
     """
     total = None
     count = 0
@@ -255,7 +256,7 @@ def compute_mean_std(
         raise ConfigError(f"cannot compute normalisation statistics of {dataset!r}: no readable images")
     mean = total / count
     cov = outer / count - torch.outer(mean, mean)
-    std = cov.diagonal().clamp_min(1e-12).sqrt()
+    std = cov.diagonal().clamp_min(0).sqrt().clamp_min(1 / 255)  # a constant channel: one grey level
     stats: dict[str, Any] = {"mean": mean.tolist(), "std": std.tolist(), "num_images": num_images}
     if mean.numel() == 3:
         eigval, eigvec = torch.linalg.eigh(cov)

@@ -41,13 +41,28 @@ class EvalResult:
         vals = [v for v in self.per_class if not math.isnan(v)]
         return float(np.mean(vals)) if vals else float("nan")
 
+    def precision_recall_f1(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-class precision, recall and F1 (scikit-learn, 0 where undefined) from the confusion matrix."""
+        from sklearn.metrics import precision_recall_fscore_support
+
+        c = self.confusion.shape[0]
+        true = np.repeat(np.arange(c), self.confusion.sum(1))
+        pred = np.concatenate([np.repeat(np.arange(c), row) for row in self.confusion]) if c else true
+        p, r, f, _ = precision_recall_fscore_support(true, pred, labels=list(range(c)), zero_division=0)
+        return p, r, f
+
     def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-        """JSON-able summary (a class without samples gets ``null``)."""
+        """JSON-able summary (a class without samples gets ``null`` accuracy)."""
         names = list(class_names) if class_names is not None else [str(i) for i in range(len(self.per_class))]
+        precision, _, f1 = self.precision_recall_f1() if self.num_samples else ([], [], [])
+        present = [i for i, v in enumerate(self.per_class) if not math.isnan(v)]
         return {
             "top1": self.top1,
             "top5": self.top5,
             "mean_class_accuracy": _json_float(self.mean_class_accuracy),
+            "macro_f1": float(np.mean([f1[i] for i in present])) if present else None,
+            "per_class_precision": {n: float(v) for n, v in zip(names, precision)},
+            "per_class_f1": {n: float(v) for n, v in zip(names, f1)},
             "loss": self.loss,
             "num_samples": self.num_samples,
             "seconds": self.seconds,
@@ -94,9 +109,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_device(
-    images: Tensor, targets: Tensor, device: torch.device, channels_last: bool
-) -> tuple[Tensor, Tensor]:
+def to_device(images: Tensor, targets: Tensor, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
     non_blocking = device.type == "cuda"
     images = images.to(device, non_blocking=non_blocking)
     if channels_last and images.ndim == 4:
@@ -236,15 +249,11 @@ def save_eval_artifacts(
     }
     atomic_write_json(paths["metrics"], result.to_dict(class_names))
     atomic_write(paths["confusion_npy"], lambda f: np.save(f, result.confusion))
-    plot_confusion(
-        result.confusion, class_names, paths["confusion_png"], title=f"{prefix or 'eval'} confusion"
-    )
+    plot_confusion(result.confusion, class_names, paths["confusion_png"], title=f"{prefix or 'eval'} confusion")
     return paths
 
 
-def plot_confusion(
-    confusion: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = ""
-) -> Path:
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -282,3 +291,28 @@ def plot_confusion(
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def metrics_from_probs(probs: np.ndarray, targets: np.ndarray, num_classes: int, seconds: float = 0.0) -> EvalResult:
+    """The metrics of :func:`evaluate` from already computed class probabilities ``(N, C)``.
+
+    Used by the test protocols (multi-crop, dense, fusion) that average several views' softmax.
+    """
+    probs_t = torch.as_tensor(probs, dtype=torch.float32)
+    t = torch.as_tensor(targets, dtype=torch.int64)
+    c = num_classes
+    pred = probs_t.argmax(1)
+    confusion = torch.bincount(t * c + pred, minlength=c * c).view(c, c)
+    k = min(5, c)
+    top5 = (probs_t.topk(k, dim=1).indices == t[:, None]).any(1).sum().item()
+    n = int(t.numel())
+    support = confusion.sum(1)
+    per_class = torch.where(support > 0, confusion.diag() / support.clamp(min=1), torch.tensor(float("nan")))
+    return EvalResult(
+        top1=float(confusion.diag().sum().item() / max(1, n)),
+        top5=float(top5 / max(1, n)),
+        per_class=[float(v) for v in per_class.tolist()],
+        confusion=confusion.numpy().astype(np.int64),
+        num_samples=n,
+        seconds=seconds,
+    )

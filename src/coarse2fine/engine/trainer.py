@@ -479,7 +479,7 @@ def fit(
         du.barrier()
 
         net: nn.Module = torch.compile(model) if train_cfg.compile else model
-        net = du.wrap_ddp(net, device)
+        net = du.wrap_ddp(net, device, find_unused_parameters=train_cfg.find_unused_parameters)
         tb = _TensorBoard(paths["tb"], enabled=main, purge_step=state.global_step if resume else None)
         try:
             for epoch in range(state.epoch, train_cfg.epochs):

@@ -356,8 +356,9 @@ class HDCNN(nn.Module):
             out.index_add_(0, idx, contrib)
         return out / weights.sum(dim=1, keepdim=True)
 
-    def forward(self, x: Tensor, beta: float | None = None) -> dict[str, Any]:
-        beta = self.beta if beta is None else beta
+    def forward(self, x: Tensor, beta: float | None | str = "default") -> dict[str, Any]:
+        """``beta``: ``"default"`` uses ``self.beta``; None runs every component; a number routes."""
+        beta = self.beta if isinstance(beta, str) else beta
         h = self.shared(x)
         fine_probs, coarse_probs = self.coarse_forward(h)
         if self.training or beta is None:

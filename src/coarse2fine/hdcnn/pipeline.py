@@ -569,6 +569,8 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
 
     _check_cfg(cfg)
     cfg = dataclasses.replace(cfg, method="hdcnn")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     start = time.perf_counter()
     paths = StagePaths(cfg.run_dir)
     paths.run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,9 @@ Basic variants for a plain backbone (paper Fig. 3), ``cfg.basic``:
 - ``bs``: background suppression on the last block only: projection, k2 classifier, selector,
   combiner; losses merged + layer + dropped.
 - ``refine``: high-temperature refinement on the last two blocks: k1 on block L-1 learns
-  ``softmax(Y_L / T)`` of the k2 classifier on block L (its map resized to block L-1's grid);
-  losses layer + refine.
+  ``softmax(Y_L / T)`` of the k2 classifier on block L (its map resized to block L-1's grid); the
+  block-L classifier stands for the backbone's own and is trained by cross-entropy (as ``merged``,
+  weight ``lambda_merged``); losses merged + refine.
 
 A basic variant ignores the ``use_*`` switches (only its own parts exist).
 """
@@ -67,6 +68,8 @@ def _choose_stages(backbone: nn.Module, cfg: HERBSConfig) -> list[int]:
         if missing:
             raise ModelError(f"herbs.stages {missing} not in backbone {model_name}; its stages: {names}")
         chosen = sorted(names.index(s) for s in dict.fromkeys(cfg.stages))
+    elif cfg.basic:
+        chosen = list(range(len(names)))  # the last block(s) are taken below
     else:
         want = len(cfg.num_selects) if cfg.num_selects else 4
         if cfg.num_selects and want > len(names):
@@ -116,9 +119,7 @@ class HERBS(nn.Module):
         if cfg.basic not in BASIC:
             raise ConfigError(f"herbs.basic = {cfg.basic!r}: expected null, bs or refine")
         if not hasattr(backbone, "forward_stages") or not getattr(backbone, "feature_info", None):
-            raise ModelError(
-                f"{type(backbone).__name__} is not a Backbone with feature stages (forward_stages)"
-            )
+            raise ModelError(f"{type(backbone).__name__} is not a Backbone with feature stages (forward_stages)")
         self.backbone = backbone
         self.num_classes = num_classes
         self.basic = cfg.basic
@@ -133,21 +134,19 @@ class HERBS(nn.Module):
         was_training = backbone.training
         backbone.eval()
         try:
-            outs = backbone.forward_stages(torch.zeros(1, *self.input_size))
+            param = next(backbone.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            outs = backbone.forward_stages(torch.zeros(1, *self.input_size, device=device))
             used = [outs[i] for i in self.stage_index]
             self.frozen_unused = _freeze_unused(backbone, used)
         finally:
             backbone.train(was_training)
-        toks = [
-            to_tokens(o.detach(), self.layout, self.input_size[1:], r) for o, r in zip(used, self.reductions)
-        ]
+        toks = [to_tokens(o.detach(), self.layout, self.input_size[1:], r) for o, r in zip(used, self.reductions)]
         self.token_counts = [t.shape[1] for t, _ in toks]
         channels = [t.shape[2] for t, _ in toks]
         for info, c in zip(infos, channels):
             if info.channels != c:
-                log.warning(
-                    "stage %s: feature_info says %d channels, output has %d", info.name, info.channels, c
-                )
+                log.warning("stage %s: feature_info says %d channels, output has %d", info.name, info.channels, c)
 
         n = len(self.stage_index)
         full = cfg.basic is None
@@ -157,12 +156,9 @@ class HERBS(nn.Module):
         use_bottom_up = cfg.use_bottom_up and full
         if full and use_refinement and not use_bottom_up:
             raise ConfigError(
-                "herbs.use_refinement needs herbs.use_bottom_up: the refinement target is the "
-                "bottom-up classifier"
+                "herbs.use_refinement needs herbs.use_bottom_up: the refinement target is the bottom-up classifier"
             )
-        self.fusion = FeatureFusion(
-            channels, cfg.fpn_size, top_down=cfg.use_fpn and full, bottom_up=use_bottom_up
-        )
+        self.fusion = FeatureFusion(channels, cfg.fpn_size, top_down=cfg.use_fpn and full, bottom_up=use_bottom_up)
 
         # Which stages carry a k1 (student, top-down) and a k2 (bottom-up / final) classifier.
         if cfg.basic == "refine":
@@ -187,9 +183,7 @@ class HERBS(nn.Module):
         if use_combiner:
             total = sum(kept_counts)
             nodes = cfg.num_graph_nodes or max(4, total // 64)  # official: total // 64
-            self.combiner = GraphCombiner(
-                cfg.fpn_size, num_classes, nodes, pool=cfg.combiner_pool, num_tokens=total
-            )
+            self.combiner = GraphCombiner(cfg.fpn_size, num_classes, nodes, pool=cfg.combiner_pool, num_tokens=total)
 
     # ------------------------------------------------------------------------------------------
     def head_names(self) -> list[str]:
@@ -212,13 +206,14 @@ class HERBS(nn.Module):
 
         heads: dict[str, Tensor] = {f"td_{i + 1}": m.mean(1) for i, m in k1_maps.items()}
         heads.update({f"bu_{i + 1}": m.mean(1) for i, m in k2_maps.items()})
-        out: dict[str, Any] = {"layer_logits": [k2_maps[i].mean(1) for i in self.k2_stages]}
+        if self.basic == "refine":  # the last block's classifier plays the backbone's own: CE at lambda_merged
+            out: dict[str, Any] = {"layer_logits": [], "merged": heads[f"bu_{self.k2_stages[-1] + 1}"]}
+        else:
+            out = {"layer_logits": [k2_maps[i].mean(1) for i in self.k2_stages]}
 
         selections = None
         if self.selector is not None:
-            selections = self.selector(
-                [final[i] for i in self.k2_stages], [k2_maps[i] for i in self.k2_stages]
-            )
+            selections = self.selector([final[i] for i in self.k2_stages], [k2_maps[i] for i in self.k2_stages])
             out["dropped"] = [s.dropped_logits for s in selections]
             out["kept_index"] = [s.kept_index for s in selections]
         if self.combiner is not None:
@@ -231,8 +226,7 @@ class HERBS(nn.Module):
         if self.pairs:
             out["refine_student"] = [k1_maps[s] for s, _ in self.pairs]
             out["refine_target"] = [
-                resize_tokens(k2_maps[t], grids[t], toks[s].shape[1], grids[s], pool=False)
-                for s, t in self.pairs
+                resize_tokens(k2_maps[t], grids[t], toks[s].shape[1], grids[s], pool=False) for s, t in self.pairs
             ]
         log_probs = torch.stack([h.float().log_softmax(-1) for h in heads.values()])
         out["logits"] = torch.logsumexp(log_probs, 0) - math.log(len(heads))

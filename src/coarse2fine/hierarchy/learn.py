@@ -130,7 +130,10 @@ def _knn_graph(d: np.ndarray, knn: int, t: float | None) -> tuple[np.ndarray, fl
     """Symmetric k-nearest-neighbour graph with weights ``exp(-D/t)`` (authors' code).
 
     Only pairs that were confused at least once (``D < 1``) can be neighbours: a never-confused pair
-    carries no evidence of similarity. A floor of 1e-4 of the largest weight keeps the graph connected.
+    carries no evidence of similarity. ``t`` defaults to the standard deviation of the kNN distances
+    (distances sit just below 1, so a ``t`` near 1 would make every weight alike); the weights are
+    computed as ``exp(-(D - D_min)/t)``, the same up to a constant factor, to avoid underflow. A floor
+    of 1e-4 of the largest weight keeps the graph connected.
     """
     c = d.shape[0]
     masked = np.where(d < 1.0, d, np.inf)
@@ -140,11 +143,12 @@ def _knn_graph(d: np.ndarray, knn: int, t: float | None) -> tuple[np.ndarray, fl
     cols = nn_idx.reshape(-1)
     ok = np.isfinite(masked[rows, cols])
     rows, cols = rows[ok], cols[ok]
+    dk = d[rows, cols]
     if t is None:
-        t = float(np.median(d[rows, cols])) if rows.size else 1.0
-    t = max(float(t), 1e-12)
+        t = float(dk.std()) if dk.size else 1.0
+    t = max(float(t), 1e-3)
     w = np.zeros_like(d)
-    w[rows, cols] = np.exp(-d[rows, cols] / t)
+    w[rows, cols] = np.exp(-(dk - (dk.min() if dk.size else 0.0)) / t)
     w = np.maximum(w, w.T)
     floor = 1e-4 * (w.max() if w.max() > 0 else 1.0)
     w = np.maximum(w, floor)
@@ -170,11 +174,12 @@ def cluster_classes(
     :func:`spectral_affinity` of ``D``, seeded; exactly ``num_coarse`` groups.
     ``method="affinity"`` (authors' released code): a symmetric kNN graph (``knn`` neighbours, default
     ``max(2, round(sqrt(C)))``, among the classes it was confused with at least once; a tiny floor
-    weight keeps the graph connected) with weights ``exp(-D/t)`` (``t`` default: median kNN distance), a
-    Laplacian eigenmap (``SpectralEmbedding``, ``n_components`` default ``num_coarse - 1``: K groups
-    need K-1 non-constant eigenvectors) and
-    ``AffinityPropagation`` (``preference`` default: median similarity) -- the number of groups is an
-    outcome of the data, ``num_coarse`` only sets the embedding size.
+    weight keeps the graph connected) with weights ``exp(-D/t)`` (``t`` default: the standard deviation
+    of the kNN distances), a Laplacian eigenmap (``SpectralEmbedding``, ``n_components`` default
+    ``num_coarse - 1``: K groups need K-1 non-constant eigenvectors) with rows scaled to unit length
+    (as in Ng-Jordan-Weiss spectral clustering), then ``AffinityPropagation`` (``preference`` default:
+    median similarity) -- the number of groups is an outcome of the data, ``num_coarse`` only sets the
+    embedding size.
     Groups are numbered in order of their first class.
     """
     d = _check_distance(D)
@@ -212,6 +217,7 @@ def cluster_classes(
             emb = SpectralEmbedding(
                 n_components=dims, affinity="precomputed", random_state=seed
             ).fit_transform(w)
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         ap = AffinityPropagation(
             damping=0.9, max_iter=2000, convergence_iter=50, preference=preference, random_state=seed
         )

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from coarse2fine.errors import HierarchyError
 
 FORMAT_VERSION = 1
@@ -65,6 +67,10 @@ class Hierarchy:
     source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.class_names = [str(n) for n in self.class_names]
+        self.coarse_names = [str(n) for n in self.coarse_names]
+        self.coarse_of = [int(c) if isinstance(c, np.integer) else c for c in self.coarse_of]
+        self.partial_sets = [[int(j) if isinstance(j, np.integer) else j for j in s] for s in self.partial_sets]
         self.check()
 
     @property
