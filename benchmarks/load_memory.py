@@ -3,7 +3,8 @@
 For each N a class-per-folder tree of N small PNGs is generated (once, cached under ``--dir``), then a
 fresh process lists it (``ImageFolderDataset``), streams it through ``build_loader`` (workers, eval
 transform) and a tiny CNN under ``torch.inference_mode()``, keeping only a confusion matrix, and reports
-its peak RSS and that of its loader workers (``getrusage``).
+its peak RSS and that of its loader workers (``getrusage``), and the workers' private memory (pages not
+shared with the parent after fork, sampled from ``/proc/<pid>/smaps_rollup``).
 
     .venv/bin/python benchmarks/load_memory.py                      # N = 5k, 20k, 50k
     .venv/bin/python benchmarks/load_memory.py --ns 1000,4000 --workers 1
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import resource
 import subprocess
 import sys
@@ -45,6 +47,17 @@ def _rss_mib(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
 
 
+def _private_mib(pid: int) -> float:
+    """Memory only this process holds (private clean + dirty pages; pages shared with the parent after
+    fork are left out), from /proc/<pid>/smaps_rollup; 0 when unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    kib = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith(("Private_Clean", "Private_Dirty")))
+    return kib / 1024
+
+
 def measure(folder: Path, batch_size: int, workers: int, size: int) -> dict:
     """Run in a fresh process: list, stream and classify every image once."""
     import torch
@@ -65,13 +78,15 @@ def measure(folder: Path, batch_size: int, workers: int, size: int) -> dict:
         nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES)
     ).eval()
     confusion = torch.zeros(CLASSES, CLASSES, dtype=torch.int64)
-    seen = 0
+    seen, private = 0, 0.0
     start = time.perf_counter()
     with torch.inference_mode():
-        for x, y in loader:
+        for step, (x, y) in enumerate(loader):
             pred = model(x).argmax(1)
             confusion += torch.bincount(y * CLASSES + pred, minlength=CLASSES * CLASSES).view(CLASSES, CLASSES)
             seen += len(y)
+            if step % 5 == 0:  # loader workers are multiprocessing children of this process
+                private = max([private, *(_private_mib(p.pid) for p in multiprocessing.active_children())])
     seconds = time.perf_counter() - start
     del loader  # shuts the persistent workers down, so RUSAGE_CHILDREN includes them
     gc.collect()
@@ -83,6 +98,7 @@ def measure(folder: Path, batch_size: int, workers: int, size: int) -> dict:
         "rss_after_listing": listed,
         "peak_rss_main": _rss_mib(resource.RUSAGE_SELF),
         "peak_rss_worker": _rss_mib(resource.RUSAGE_CHILDREN),
+        "peak_private_worker": private,
     }
 
 
@@ -127,12 +143,16 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{args.size}x{args.size} PNGs, batch {args.batch_size}, {args.workers} worker(s), tiny CNN, "
         "inference_mode; peak RSS in MiB\n"
     )
-    print("| images | seen | images/s | RSS after imports | RSS after listing | peak RSS main | peak RSS worker |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| images | seen | images/s | RSS after imports | RSS after listing | peak RSS main | peak RSS worker "
+        "| peak private worker |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['n']} | {r['seen']} | {r['seen'] / r['seconds']:.0f} | {r['rss_after_import']:.0f} | "
-            f"{r['rss_after_listing']:.0f} | {r['peak_rss_main']:.0f} | {r['peak_rss_worker']:.0f} |"
+            f"{r['rss_after_listing']:.0f} | {r['peak_rss_main']:.0f} | {r['peak_rss_worker']:.0f} | "
+            f"{r['peak_private_worker']:.0f} |"
         )
 
 

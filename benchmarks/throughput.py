@@ -9,6 +9,7 @@ same layer list, ``AdaptiveAvgPool2d`` to the final map and the same FC head (nn
 
     .venv/bin/python benchmarks/throughput.py                       # short run (a few iterations)
     .venv/bin/python benchmarks/throughput.py --iters 20 --warmup 3  # the full version
+    .venv/bin/python benchmarks/throughput.py --memory-format contiguous --models vgg_small_bn
 """
 
 from __future__ import annotations
@@ -99,10 +100,12 @@ def flops_per_image(model: nn.Module, shape: tuple[int, ...], train: bool) -> fl
     return counter.get_total_flops() / 2
 
 
-def measure(model: nn.Module, case: Case, num_classes: int, warmup: int, iters: int) -> dict[str, float]:
-    model = model.to(memory_format=torch.channels_last)
+def measure(
+    model: nn.Module, case: Case, num_classes: int, warmup: int, iters: int, fmt: torch.memory_format
+) -> dict[str, float]:
+    model = model.to(memory_format=fmt)
     shape = (case.in_chans, case.size, case.size)
-    x = torch.randn(case.batch, *shape).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(case.batch, *shape).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (case.batch,))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -138,14 +141,17 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
     args = parser.parse_args()
+    fmt = getattr(torch, args.memory_format.replace("contiguous", "contiguous_format"))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     peak = matmul_peak()
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
-          f"fp32 matmul peak {peak:.1f} GFLOP/s; batch {args.batch}, warmup {args.warmup}, iters {args.iters} (median)")
+          f"fp32 matmul peak {peak:.1f} GFLOP/s; {args.memory_format}, batch {args.batch}, "
+          f"warmup {args.warmup}, iters {args.iters} (median)")
     print()
     print("| model | input | impl | train img/s | train GFLOP/s | train % peak | infer img/s | infer GFLOP/s "
           "| infer % peak | ours / torchvision (train, infer) |")
@@ -154,11 +160,11 @@ def main() -> None:
         case = CASES[name]
         case.batch = args.batch
         ours = create_model(name, args.classes, in_chans=case.in_chans, input_size=case.size)
-        rows = [("ours", measure(ours, case, args.classes, args.warmup, args.iters))]
+        rows = [("ours", measure(ours, case, args.classes, args.warmup, args.iters, fmt))]
         if case.reference:
             ref = torchvision_twin(ours, case.reference, args.classes)
             label = f"torchvision {case.reference}" if case.reference != "small" else "torchvision make_layers"
-            rows.append((label, measure(ref, case, args.classes, args.warmup, args.iters)))
+            rows.append((label, measure(ref, case, args.classes, args.warmup, args.iters, fmt)))
         for i, (impl, r) in enumerate(rows):
             ratio = ""
             if i == 0 and len(rows) > 1:

@@ -191,9 +191,10 @@ def test_auto_rule() -> None:
     model = nn.Sequential(nn.Linear(64, 256), nn.Conv2d(16, 64, 3), nn.Conv2d(64, 256, 1), nn.Linear(16, 4))
     spec = auto_spec(model)
     assert set(spec) == {"0", "1"}  # 1x1 conv and the tiny layer are left alone
-    assert spec["0"] == (4, 64) and spec["1"] == (3, 16)  # k = a quarter of the rows
+    assert spec["0"] == (4, 64)  # linear: k = a quarter of the 256 rows
+    assert spec["1"] == (3, 43)  # conv: k = two thirds of the 64 rows
     assert all(
-        compression_factor(*model[int(n)].weight.reshape(model[int(n)].weight.shape[0], -1).shape, *spec[n]) >= 2
+        compression_factor(*model[int(n)].weight.reshape(model[int(n)].weight.shape[0], -1).shape, *spec[n]) >= 1.3
         for n in spec
     )
     report = compress_model(model)  # default spec = auto

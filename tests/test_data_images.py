@@ -215,3 +215,11 @@ def test_path_table_round_trips_any_name(tmp_path):
     assert len(table) == 4 and list(table) == names and table[-3] == names[1]
     with pytest.raises(IndexError):
         table[4]
+
+
+def test_folder_symlink_cycle_listed_once(tmp_path):
+    write_folder(tmp_path, {"a": 2, "b": 1})
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "b" / "same").symlink_to(tmp_path / "b", target_is_directory=True)
+    ds = ImageFolderDataset(tmp_path)
+    assert len(ds) == 3 and ds.targets.tolist() == [0, 0, 1]

@@ -50,6 +50,8 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
                     "16",
                     "--out",
                     str(tmp_path / "out.pt"),
+                    "--nan-run-dir",
+                    str(tmp_path / "nan"),
                 ],
                 env=env,
                 stdout=subprocess.PIPE,
@@ -80,11 +82,21 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     # predict_proba gathered the uneven shards back into dataset order on both ranks
     odd = TinyLoader(TinyDataset(61, seed=3), 8, shuffle=False, drop_last=False)
     probs, targets = predict_proba(single, odd, device="cpu")
+    one, _ = predict_proba(single, TinyLoader(TinyDataset(1, seed=4), 8, shuffle=False, drop_last=False), device="cpu")
     for r in ranks:
         assert np.array_equal(r["targets"].numpy(), targets)
         assert np.allclose(r["probs"].numpy(), probs, atol=1e-4)
+        assert r["probs_one"].shape == (1, 4) and np.allclose(r["probs_one"].numpy(), one, atol=1e-4)
 
     # a checkpoint written by 2 processes resumes in 1 (the model is stored unwrapped)
     _, resumed = run(tmp_path / "ddp", epochs=3, batch_size=32, resume=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[-1]["val_top1"] >= 0.9
+
+    # a NaN loss on rank 1 only (loss call 11 = epoch 2, step 4): both ranks skip that step, no hang,
+    # and the replicas stay identical
+    nan_runs = [torch.load(tmp_path / f"out.nan.rank{r}.pt", weights_only=True) for r in range(2)]
+    for k, v in nan_runs[0]["model"].items():
+        assert torch.equal(v, nan_runs[1]["model"][k]), k
+        assert torch.isfinite(v).all()
+    assert [h["skipped_steps"] for h in nan_runs[0]["history"]] == [0, 1]

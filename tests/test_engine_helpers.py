@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from coarse2fine.config import OptimConfig, ScheduleConfig, TrainConfig
-from coarse2fine.engine import CrossEntropyObjective, FitResult, TrainingInterrupted, fit, predict_proba
+from coarse2fine.engine import CrossEntropyObjective, FitResult, Objective, fit, predict_proba
 from coarse2fine.engine import distributed as du
+from coarse2fine.errors import C2FError
 
 CLASSES = ["north_west", "north_east", "south_west", "south_east"]
 SIZE = 8
@@ -145,6 +146,21 @@ def make_loaders(
     return train, val
 
 
+class NaNAt(Objective):
+    """Cross-entropy whose ``at``-th call (0-based) returns NaN."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.ce, self.at, self.calls = CrossEntropyObjective(), at, 0
+
+    def forward(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = self.ce(outputs, targets)
+        if self.calls == self.at:
+            terms["loss"] = terms["loss"] * float("nan")
+        self.calls += 1
+        return terms
+
+
 def make_model(heads: bool = False) -> TinyNet:
     torch.manual_seed(0)
     return TinyNet(heads=heads)
@@ -159,6 +175,7 @@ def run(
     rank: int = 0,
     world_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
+    objective: Objective | None = None,
     **train: Any,
 ) -> tuple[TinyNet, FitResult]:
     model = make_model()
@@ -166,7 +183,7 @@ def run(
     tcfg, ocfg, scfg = configs(epochs=epochs, **train)
     result = fit(
         model,
-        CrossEntropyObjective(),
+        objective if objective is not None else CrossEntropyObjective(),
         tr,
         va,
         train_cfg=tcfg,
@@ -199,8 +216,16 @@ def assert_same_weights(a: dict[str, Tensor], b: dict[str, Tensor], atol: float 
         assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
 
 
+def _eval_loader(n: int, seed: int, rank: int, world_size: int) -> TinyLoader:
+    return TinyLoader(
+        TinyDataset(n, seed=seed), 8, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pad_shards=False
+    )
+
+
 def _worker() -> int:
-    """Subprocess entry: train (optionally killing itself at a batch), save final weights to --out."""
+    """Subprocess entry: train (optionally signalling itself at a batch); with ``--out``, save the final
+    weights, history and gathered probabilities to ``<out>.rank<r>.pt``. ``--nan-run-dir``: then train
+    again there with a NaN loss on rank ``--nan-rank`` only (policy skip), saved to ``<out>.nan.rank<r>.pt``."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--epochs", type=int, default=3)
@@ -209,8 +234,12 @@ def _worker() -> int:
     ap.add_argument("--signal-at", type=int, default=None, help="batch at which to signal itself")
     ap.add_argument("--signal", default="SIGKILL")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--nan-run-dir", type=Path, default=None)
+    ap.add_argument("--nan-at", type=int, default=11, help="loss call (0-based) that gives NaN ...")
+    ap.add_argument("--nan-rank", type=int, default=1, help="... on this rank only")
     args = ap.parse_args()
     info = du.init_distributed(device="cpu")
+    rank, world = info.rank, info.world_size
     on_batch = None
     if args.signal_at is not None:
         sig = getattr(signal, args.signal)
@@ -219,41 +248,34 @@ def _worker() -> int:
             if i == args.signal_at:
                 os.kill(os.getpid(), sig)
 
+    common = {"epochs": args.epochs, "batch_size": args.batch_size, "rank": rank, "world_size": world}
     try:
-        model, result = run(
-            args.run_dir,
-            epochs=args.epochs,
-            resume=args.resume,
-            batch_size=args.batch_size,
-            rank=info.rank,
-            world_size=info.world_size,
-            on_batch=on_batch,
-        )
-    except TrainingInterrupted as exc:
+        model, result = run(args.run_dir, resume=args.resume, on_batch=on_batch, **common)
+    except C2FError as exc:  # TrainingInterrupted: what the CLI does
         print(f"error: {exc}", file=sys.stderr)
         du.cleanup()
         return 2
-    # probabilities on an odd-sized split (uneven shards), gathered back into order on every rank
-    odd = TinyLoader(
-        TinyDataset(61, seed=3),
-        8,
-        shuffle=False,
-        drop_last=False,
-        rank=info.rank,
-        world_size=info.world_size,
-        pad_shards=False,
-    )
-    probs, targets = predict_proba(model, odd, device="cpu")
     if args.out is not None:
-        out = args.out.with_suffix(f".rank{info.rank}.pt")
+        # probabilities on an odd-sized split (uneven shards) and on a 1-image split (rank 1's shard is
+        # empty), gathered back into order on every rank
+        probs, targets = predict_proba(model, _eval_loader(61, 3, rank, world), device="cpu")
+        probs_one, _ = predict_proba(model, _eval_loader(1, 4, rank, world), device="cpu")
         torch.save(
             {
                 "model": model.state_dict(),
                 "history": comparable(result.history),
                 "probs": torch.from_numpy(probs),
                 "targets": torch.from_numpy(targets),
+                "probs_one": torch.from_numpy(probs_one),
             },
-            out,
+            args.out.with_suffix(f".rank{rank}.pt"),
+        )
+    if args.nan_run_dir is not None:
+        nan = NaNAt(args.nan_at) if rank == args.nan_rank else None
+        model, result = run(args.nan_run_dir, objective=nan, nan_policy="skip", **common)
+        torch.save(
+            {"model": model.state_dict(), "history": comparable(result.history)},
+            args.out.with_suffix(f".nan.rank{rank}.pt"),
         )
     du.cleanup()
     return 0

@@ -14,7 +14,6 @@ import torch
 from coarse2fine.engine import (
     CrossEntropyObjective,
     NonFiniteLossError,
-    Objective,
     TrainingInterrupted,
     evaluate,
     fit,
@@ -26,6 +25,7 @@ from test_engine_helpers import (
     CLASSES,
     EPOCHS,
     STEPS_PER_EPOCH,
+    NaNAt,
     assert_same_weights,
     comparable,
     configs,
@@ -115,21 +115,6 @@ def test_resume_with_more_epochs_continues(tmp_path: Path) -> None:
     _, result = run(tmp_path, epochs=2, resume=True)
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["global_step"] == 2 * STEPS_PER_EPOCH
-
-
-class NaNAt(Objective):
-    """Cross-entropy whose ``at``-th call (0-based) returns NaN."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.ce, self.at, self.calls = CrossEntropyObjective(), at, 0
-
-    def forward(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = self.ce(outputs, targets)
-        if self.calls == self.at:
-            terms["loss"] = terms["loss"] * float("nan")
-        self.calls += 1
-        return terms
 
 
 def _fit_nan(run_dir: Path, policy: str, at: int) -> Any:

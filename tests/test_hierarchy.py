@@ -365,3 +365,16 @@ def test_mistake_severity_by_hand() -> None:
     assert mistake_severity(pred, target, h) == s
     with pytest.raises(HierarchyError, match="class_names"):
         mistake_severity(pred, target, reference)
+
+
+def test_hierarchy_from_reference_taxonomy() -> None:
+    names = names_of(5)
+    ref = {"b": ["class3", "class1"], "empty": ["dog"], "a": ["class0", "class2", "class4"]}
+    h = Hierarchy.from_reference(ref, names)
+    assert h.coarse_names == ["b", "a"] and h.coarse_of == [1, 0, 1, 0, 1]
+    assert h.partial_sets == [[1, 3], [0, 2, 4]] and h.meta["method"] == "reference"
+    assert compare_to_reference(h, ref)["ari"] == 1.0
+    with pytest.raises(HierarchyError, match="missing from the taxonomy"):
+        Hierarchy.from_reference({"a": ["class0"]}, names)
+    with pytest.raises(HierarchyError, match="two coarse categories"):
+        Hierarchy.from_reference({"a": names, "b": ["class0"]}, names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,16 +94,23 @@ class TinyNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-@pytest.fixture
-def trained_checkpoint(tmp_path, monkeypatch) -> Path:
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Iterator[Path]:
     """A checkpoint in the engine's format for a small net, through the lead's integration layer."""
     try:
         import coarse2fine.build as B
     except ImportError as exc:  # the integration layer or the model factory is not there yet
         pytest.skip(f"integration layer unavailable: {exc}")
+    tmp_path = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:  # the factory gives a small net (shared by the tests)
+        mp.setattr(B, "create_model", lambda name, **kw: TinyNet(**kw))
+        yield _make_checkpoint(tmp_path)
+
+
+def _make_checkpoint(tmp_path: Path) -> Path:
+    import coarse2fine.build as B
     from coarse2fine.config import load_config, to_dict
 
-    monkeypatch.setattr(B, "create_model", lambda name, **kw: TinyNet(**kw))
     write_cifar100(tmp_path / "data")
     cfg = load_config(
         None,

@@ -209,6 +209,8 @@ def test_factory_errors_and_listing() -> None:
         create_model("vgg61")
     with pytest.raises(ModelError, match="close matches: timm/resnet18"):
         create_model("timm/resnet18x")
+    with pytest.raises(ModelError, match="bad keyword"):
+        create_model("vgg_small", 10, in_chans=1, bogus=1)
 
 
 def test_load_pretrained_file(tmp_path) -> None:

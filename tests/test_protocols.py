@@ -131,18 +131,33 @@ def test_fusion_averages_models_of_different_architectures() -> None:
     torch.testing.assert_close(fused, (pa + pb) / 2)
 
 
+def test_dict_outputs_are_accepted() -> None:
+    """Models whose output is a dict (HD-CNN, HERBS) are read through its "logits"."""
+
+    class DictOut(Counting):
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            return {"logits": super().forward(x), "extra": x}
+
+    plain, wrapped = Counting(), DictOut()
+    wrapped.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 9, 9)
+    torch.testing.assert_close(predict_views(wrapped, x, "multicrop")[0], predict_views(plain, x, "multicrop")[0])
+
+
 def test_evaluate_protocol_over_a_loader_with_uint8_and_normalisation() -> None:
     model = tiny_vgg()
     model.train()
     data = batches(uint8=True)
-    res = evaluate_protocol(model, data, "multicrop", mean=[0.5], std=[0.25])
+    res = evaluate_protocol(model, data, "multicrop", mean=[0.5], std=[0.25], scales=[28, 31])
     assert model.training  # restored
-    assert res.probs.shape == (6, 4) and res.views == 150
+    assert res.probs.shape == (6, 4) and res.views == 100
     np.testing.assert_array_equal(res.targets, np.arange(6) % 4)
-    manual = torch.cat([predict_views(model, (x.float() / 255 - 0.5) / 0.25, "multicrop")[0] for x, _ in data])
+    manual = torch.cat(
+        [predict_views(model, (x.float() / 255 - 0.5) / 0.25, "multicrop", scales=[28, 31])[0] for x, _ in data]
+    )
     np.testing.assert_allclose(res.probs, manual.numpy(), atol=1e-5)
     for protocol in PROTOCOLS:
-        out = evaluate_protocol(model, batches(), protocol, flip=False)
+        out = evaluate_protocol(model, batches(), protocol, flip=False, scales=[28, 30])
         assert out.probs.shape == (6, 4)
         np.testing.assert_allclose(out.probs.sum(1), 1.0, atol=1e-5)
 

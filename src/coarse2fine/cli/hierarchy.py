@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from coarse2fine.errors import CheckpointError
@@ -96,6 +97,8 @@ def load_model(path: str | Path, overrides: list[str] | None = None) -> tuple[nn
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r}: not a coarse2fine training checkpoint")
     cfg = config_from_dict(apply_overrides(copy.deepcopy(dict(ckpt["config"])), overrides or []))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     classes = [str(c) for c in ckpt["classes"]]
     metadata = dict(ckpt.get("metadata") or {})
     model, _ = build_model_and_objective(cfg, len(classes), metadata, load_files=False)

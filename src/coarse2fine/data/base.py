@@ -138,7 +138,7 @@ def load_image(path: str | os.PathLike[str], mode: str = "RGB", alpha: str = "wh
             if limit is not None and width * height > limit:
                 raise DataError(
                     f"{path}: {width}x{height} = {width * height} pixels exceeds Pillow's decompression-bomb "
-                    f"limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); refused without decoding"
+                    f"limit of {limit} pixels; refused without decoding (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
                 )
             img.load()
             return convert_mode(img, mode, alpha)

@@ -36,9 +36,16 @@ def _check_duplicates(classes: list[str], folder: Path) -> None:
 
 
 def _scan_class(folder: Path, extensions: tuple[str, ...]) -> tuple[list[str], int]:
-    """Image files under ``folder`` (recursive, sorted) and how many other files were ignored."""
+    """Image files under ``folder`` (recursive, sorted, following symlinks but visiting each real folder
+    once) and how many other files were ignored."""
     files, ignored = [], 0
+    visited: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in visited:  # a symlinked folder seen before (or a symlink cycle)
+            dirnames[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):

@@ -88,10 +88,14 @@ class _Loader:
         n = len(dataset)
         self.num_samples = math.ceil(n / world_size) if pad_shards else len(range(rank, n, world_size))
         if drop_last and self.num_samples < batch_size:
-            raise DataError(
-                f"{getattr(dataset, 'source', dataset)}: {self.num_samples} image(s) per process is fewer than "
-                f"batch_size={batch_size} with drop_last: an epoch would have no batch; lower the batch size"
+            # dropping the last partial batch would leave an empty epoch: keep it (same on every rank)
+            log.warning(
+                "%s: %d image(s) per process is fewer than batch_size=%d; each epoch is one smaller batch",
+                getattr(dataset, "source", dataset),
+                self.num_samples,
+                batch_size,
             )
+            self.drop_last = False
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed shuffling and augmentation for ``epoch`` (call before iterating)."""
@@ -205,7 +209,9 @@ def _collate(items: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[Skipped
 
 
 def _worker_init(worker_id: int) -> None:
-    torch.set_num_threads(1)  # workers decode images; the main process owns the cores for compute
+    """One thread per worker: the main process owns the cores for compute. (torch's DataLoader already
+    seeds each worker's torch, numpy and Python generators; our transforms are reseeded per sample.)"""
+    torch.set_num_threads(1)
 
 
 _ORIGINAL = re.compile(r"^coarse2fine\.errors\.\w+: (.*)$", re.MULTILINE)

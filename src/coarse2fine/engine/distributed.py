@@ -119,16 +119,17 @@ def gather_interleaved(tensor: Tensor) -> Tensor:
     size = world_size()
     if size == 1:
         return tensor
-    n = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(size)]
-    dist.all_gather(sizes, n)
-    counts = [int(s.item()) for s in sizes]
-    longest = max(counts)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
+    shape = torch.tensor(tensor.shape, device=tensor.device, dtype=torch.long)
+    shapes = [torch.zeros_like(shape) for _ in range(size)]
+    dist.all_gather(shapes, shape)
+    counts = [int(s[0].item()) for s in shapes]
+    row = tuple(int(v) for v in torch.stack(shapes)[:, 1:].max(0).values)  # a rank without rows: (0, 0)
+    padded = tensor.new_zeros((max(counts), *row))
+    if tensor.shape[0]:
+        padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded)
-    out = tensor.new_empty((sum(counts), *tensor.shape[1:]))
+    out = tensor.new_empty((sum(counts), *row))
     for r, (part, count) in enumerate(zip(parts, counts)):
         out[r::size] = part[:count]
     return out

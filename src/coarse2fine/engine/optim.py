@@ -64,9 +64,7 @@ def build_optimizer(params_or_groups: nn.Module | Iterable[Any], cfg: OptimConfi
     groups = param_groups(params_or_groups, cfg.weight_decay)
     name = cfg.name.lower()
     if name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
-        )
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -148,9 +146,7 @@ def warmup_steps_of(cfg: ScheduleConfig, steps_per_epoch: int) -> int:
     return max(0, round(cfg.warmup_epochs * steps_per_epoch))
 
 
-def build_scheduler(
-    optimizer: Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int
-) -> Scheduler:
+def build_scheduler(optimizer: Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> Scheduler:
     """The lr schedule named by ``cfg.name``; ``steps_per_epoch`` counts optimizer steps."""
     total = max(1, steps_per_epoch * epochs)
     warmup = warmup_steps_of(cfg, steps_per_epoch)
@@ -162,9 +158,7 @@ def build_scheduler(
         return Scheduler(sched, per_step=False, total_steps=total, max_reductions=cfg.max_reductions)
     if name in ("cosine", "constant"):
         lambdas = [
-            _WarmupCosine(
-                warmup, total, min(1.0, cfg.min_lr / g["lr"]) if g["lr"] > 0 else 0.0, name == "cosine"
-            )
+            _WarmupCosine(warmup, total, min(1.0, cfg.min_lr / g["lr"]) if g["lr"] > 0 else 0.0, name == "cosine")
             for g in optimizer.param_groups
         ]
         return Scheduler(LambdaLR(optimizer, lambdas), per_step=True, total_steps=total)

@@ -2,7 +2,8 @@
 
 Images come at their native resolution, NCHW, uint8 (scaled to [0, 1]) or float; ``mean``/``std``
 normalise them after resizing (leave them None when the loader already normalised). Each view's
-softmax is averaged per image; fused models average their per-model results.
+softmax (of the logits, or of a dict output's ``"logits"``: HD-CNN, HERBS) is averaged per image;
+fused models average their per-model results.
 
 | protocol | views per image and scale | default scales |
 |---|---|---|
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coarse2fine.engine.objective import logits_of
 from coarse2fine.errors import ConfigError, ModelError
 
 PROTOCOLS = ("center", "dense", "multicrop", "multiscale", "dense+multicrop")
@@ -108,7 +110,7 @@ class _Runner:
         return self._dense
 
     def _softmax(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        return torch.cat([fn(c).float().softmax(1) for c in x.split(self.max_batch)])
+        return torch.cat([logits_of(fn(c)).float().softmax(1) for c in x.split(self.max_batch)])
 
     def crops(self, x: Tensor, q: int, grid: int, flip: bool) -> tuple[Tensor, int]:
         """Sum of the softmax over a grid x grid set of crops (1: centre crop) and their flips."""

@@ -305,16 +305,15 @@ def train_one_epoch(
             *(term_sums[k] for k in names),
             correct.float(),
             torch.tensor(float(seen), device=device),
-            torch.tensor(float(skipped), device=device),
         ]
     ).double()
     packed = du.all_reduce_sum(packed).tolist()
-    total_seen = packed[-2]
+    total_seen = packed[-1]
     record: dict[str, Any] = {}
     for k, s in zip(names, packed):
         record[f"train_{k}"] = s / total_seen if total_seen else float("nan")
     record["train_top1"] = packed[len(names)] / total_seen if total_seen else 0.0
-    record["skipped_steps"] = int(packed[-1])
+    record["skipped_steps"] = skipped  # the same on every rank (the non-finite flag is all-reduced)
     record["train_seconds"] = seconds
     record["images_per_s"] = total_seen / seconds if seconds > 0 else 0.0
     return _EpochOut(record, stopped)

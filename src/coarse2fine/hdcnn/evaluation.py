@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from coarse2fine.engine.evaluate import autocast, autocast_dtype, to_device
 from coarse2fine.engine.objective import logits_of
+from coarse2fine.errors import ModelError
 
 
 @dataclass
@@ -154,7 +155,8 @@ def compress_hdcnn(model: nn.Module, spec: str | dict[str, Any] = "auto", *, see
     """Product-quantise an HD-CNN in place (SPEC 2.4) and return the storage accounting.
 
     ``spec``: ``"auto"`` (``compression.auto_spec`` for every part; a part with no layer big enough
-    is left as it is) or ``{"shared": {...}, "coarse": {...}, "fine": {...}}`` with the layer specs
+    is left as it is), ``"fc"`` (the same, fully connected layers only) or
+    ``{"shared": {...}, "coarse": {...}, "fine": {...}}`` with the layer specs
     ``{layer name: (s, k)}`` of each part (names inside that part; ``fine`` applies to every F_k).
     Shared layers and the coarse component get PQ layers. The fine components are stacked tensors,
     not modules: each F_k is compressed as a standalone copy and its reconstructed (quantised)
@@ -163,8 +165,16 @@ def compress_hdcnn(model: nn.Module, spec: str | dict[str, Any] = "auto", *, see
     """
     from coarse2fine.hdcnn.compression import auto_spec, compress_model, model_bytes
 
+    if isinstance(spec, str) and spec not in ("auto", "fc"):
+        raise ModelError(f"HD-CNN compression spec {spec!r}: expected 'auto', 'fc' or a mapping per part")
+
     def part(module: nn.Module, name: str, part_seed: int) -> Any:
-        layers = auto_spec(module) if spec == "auto" else dict(spec.get(name, {}))
+        if isinstance(spec, str):
+            layers = auto_spec(module)
+            if spec == "fc":  # fully connected layers only (the paper's VGG setting)
+                layers = {n: sk for n, sk in layers.items() if isinstance(module.get_submodule(n), nn.Linear)}
+        else:
+            layers = dict(spec.get(name, {}))
         return compress_model(module, layers, seed=part_seed) if layers else None
 
     before = model_bytes(model)

@@ -356,7 +356,7 @@ class HDCNN(nn.Module):
             out.index_add_(0, idx, contrib)
         return out / weights.sum(dim=1, keepdim=True)
 
-    def forward(self, x: Tensor, beta: float | None | str = "default") -> dict[str, Any]:
+    def forward(self, x: Tensor, beta: float | str | None = "default") -> dict[str, Any]:
         """``beta``: ``"default"`` uses ``self.beta``; None runs every component; a number routes."""
         beta = self.beta if isinstance(beta, str) else beta
         h = self.shared(x)

@@ -280,6 +280,23 @@ def _final_checkpoint(model: nn.Module, cfg: RunConfig, classes: Sequence[str], 
     }
 
 
+def _warn_if_other_split(cfg: RunConfig, saved: Any, source: str) -> None:
+    """The hierarchy must come from images the block never trained on: same data, seed and split."""
+    if not isinstance(saved, dict):
+        return
+    data = saved.get("data", {})
+    mine = (cfg.data.name, cfg.data.val_fraction, cfg.seed)
+    theirs = (data.get("name"), data.get("val_fraction"), saved.get("seed"))
+    if mine != theirs:
+        log.warning(
+            "building block %s was trained with (data, val_fraction, seed) = %s but this run uses %s: the "
+            "held-out split differs, so the hierarchy may be learnt on images the block was trained on",
+            source,
+            theirs,
+            mine,
+        )
+
+
 def stage_block(
     cfg: RunConfig, bundle: Any, loaders: Any, paths: StagePaths, *, resume: bool, progress: bool
 ) -> tuple[nn.Module, str]:
@@ -293,6 +310,7 @@ def stage_block(
         check_compatible(ckpt, classes, block, source)
         block.load_state_dict(ckpt["model"])
         log.info("HD-CNN stage 1: building block from %s", source)
+        _warn_if_other_split(cfg, ckpt.get("config"), source)
         return block, source
     epochs = cfg.hdcnn.block_epochs or cfg.train.epochs
     bcfg = _plain(_stage_cfg(cfg, epochs=epochs))
@@ -381,7 +399,7 @@ def stage_fine_components(
         if resume and out.is_file():
             ckpt = load_checkpoint(out)
             net.component.load_state_dict(ckpt["model"])
-        elif cfg.hdcnn.fine_epochs > 0:
+        elif cfg.hdcnn.fine_epochs > 0 and len(members) > 1:  # one class: p_k = 1, nothing to learn
             local = _local_bundle(bundle, members)
             loaders = build_loaders(fcfg, local)
             meta = {**metadata, "stage": "fine", "component": k, "partial_set": list(members)}

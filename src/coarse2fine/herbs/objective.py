@@ -87,7 +87,7 @@ class HERBSObjective(Objective):
         }
         loss = zero
         for name, term in terms.items():
-            if term is not None and weights[name] != 0:
+            if term is not None:  # a zero weight still adds the term, so DDP sees every parameter used
                 loss = loss + weights[name] * term
         result = {name: (term.detach() if term is not None else zero) for name, term in terms.items()}
         result["loss"] = loss

@@ -1,4 +1,16 @@
-"""The category hierarchy as data (SPEC 2.1 step 5): a disjoint map, overlapping partial sets, JSON."""
+"""The category hierarchy as data (SPEC 2.1 step 5): a disjoint map, overlapping partial sets, JSON.
+
+``hierarchy.json`` (written by ``Hierarchy.save``, read by ``Hierarchy.load``)::
+
+    {"format": "coarse2fine.hierarchy", "version": 1,
+     "class_names": ["apple", "pear", "bus"],      # fine classes, in the data's order
+     "coarse_of": [0, 0, 1],                        # disjoint map P^d: fine index -> coarse index
+     "partial_sets": [[0, 1], [1, 2]],              # S_k: sorted fine indices, S_k contains P^d's group k
+     "coarse_names": ["apple/pear", "bus"],         # optional (default: first two class names)
+     "meta": {"method": "spectral", "gamma": 5.0, "u_t": 0.1, "u": [[...], [...]], ...}}  # optional
+
+A reference taxonomy (``load_reference``) is simpler: ``{"coarse name": ["fine name", ...], ...}``.
+"""
 
 from __future__ import annotations
 
@@ -157,6 +169,34 @@ class Hierarchy:
         if isinstance(u, list) and u and all(isinstance(r, list) and len(r) == len(data) for r in u):
             meta["u"] = [[row[self.class_names.index(n)] for n in data] for row in u]
         return Hierarchy(data, coarse_of, sets, list(self.coarse_names), meta, source=self.source)
+
+    @classmethod
+    def from_reference(
+        cls, reference: dict[str, list[str]], class_names: Sequence[str], source: str | None = None
+    ) -> Hierarchy:
+        """A disjoint hierarchy (``S_k`` = group k) from a taxonomy ``{coarse name: [fine names]}``,
+        e.g. CIFAR-100's superclasses, to train HD-CNN on a given rather than a learnt hierarchy.
+        Empty reference groups are dropped; every class of ``class_names`` must be listed exactly once.
+        """
+        where = _where(source)
+        names = [str(n) for n in class_names]
+        group_of: dict[str, int] = {}
+        coarse_names: list[str] = []
+        for coarse, fine in reference.items():
+            members = [str(n) for n in fine if str(n) in set(names)]
+            if not members:
+                continue
+            for n in members:
+                if n in group_of:
+                    raise HierarchyError(f"{where}: class {n!r} is listed under two coarse categories")
+                group_of[n] = len(coarse_names)
+            coarse_names.append(str(coarse))
+        missing = [n for n in names if n not in group_of]
+        if missing:
+            raise HierarchyError(f"{where}: classes of the data missing from the taxonomy: {missing}")
+        coarse_of = [group_of[n] for n in names]
+        sets = [[j for j, c in enumerate(coarse_of) if c == k] for k in range(len(coarse_names))]
+        return cls(names, coarse_of, sets, coarse_names, {"method": "reference"}, source=source)
 
     # ---- views ----------------------------------------------------------------------------------
 

@@ -5,28 +5,32 @@ ending with its 2x2 max-pool, then an FC head sized to the final map at the defa
 (no adaptive pool). ``to_dense()`` gives the fully convolutional copy used by the dense test
 protocol; ``init_from_shallower`` copies a trained configuration A into a deeper net.
 
-Parameters and forward FLOPs (``model_summary``, FlopCounterMode: 2 per multiply-add, convolutions
-and matmuls only), 1000 classes at 3x224x224 for the paper nets, 10 classes at 1x28x28 (Fashion-MNIST)
-and 3x32x32 (CIFAR) for the small ones:
+Parameters and forward FLOPs, computed by ``model_summary`` (FlopCounterMode: 2 per multiply-add,
+convolutions and matmuls only); 1000 classes for the paper nets, 10 for the small ones:
 
-| name | input | params | GFLOPs |
-|---|---|---|---|
-| vgg11 (A) | 3x224x224 | 132,863,336 | 15.21 |
-| vgg11_lrn (A-LRN) | 3x224x224 | 132,863,336 | 15.21 |
-| vgg13 (B) | 3x224x224 | 133,047,848 | 22.64 |
-| vgg16_c (C) | 3x224x224 | 133,638,248 | 24.06 |
-| vgg16 (D) | 3x224x224 | 138,357,544 | 30.95 |
-| vgg19 (E) | 3x224x224 | 143,667,240 | 39.27 |
-
-| name | input | params | MFLOPs | layout (``M`` = max-pool) |
+| name | input | params | params ``_bn`` | forward |
 |---|---|---|---|---|
-| vgg_small_bn | 1x28x28 | 385,938 | 33.3 | 24 24 M 48 48 M 96 96 M, FC-256, FC-C |
-| vgg_small_bn | 3x32x32 | 439,986 | 43.9 | same, final map 4x4 |
-| vgg16_small_bn | 1x28x28 | 7,354,826 | 298.1 | 64 64 M 128 128 M 256x3 M 512x3 M 512x3 (no 5th pool), FC-512, FC-C |
-| vgg16_small_bn | 3x32x32 | 7,878,602 | 627.6 | same, final map 2x2 |
+| vgg11 (A) | 3x224x224 | 132,863,336 | 132,868,840 | 15.22 GFLOPs |
+| vgg11_lrn (A-LRN) | 3x224x224 | 132,863,336 | 132,868,840 | 15.22 GFLOPs |
+| vgg13 (B) | 3x224x224 | 133,047,848 | 133,053,736 | 22.62 GFLOPs |
+| vgg16_c (C) | 3x224x224 | 133,638,952 | 133,647,400 | 23.54 GFLOPs |
+| vgg16 (D) | 3x224x224 | 138,357,544 | 138,365,992 | 30.94 GFLOPs |
+| vgg19 (E) | 3x224x224 | 143,667,240 | 143,678,248 | 39.26 GFLOPs |
+| vgg_small | 1x28x28 | 385,266 | 385,938 | 33.3 MFLOPs |
+| vgg_small | 3x32x32 | 557,730 | 558,402 | 44.6 MFLOPs |
+| vgg16_small | 1x28x28 | 14,981,322 | 14,989,770 | 410.8 MFLOPs |
+| vgg16_small | 3x32x32 | 15,768,906 | 15,777,354 | 628.5 MFLOPs |
 
-``_bn`` variants add BatchNorm after every convolution (parameter counts above are the plain
-nets; BN adds 2 per channel). The ``vgg_small`` / ``vgg16_small`` names are the same nets without BN.
+Small variants (input 28 with ``in_chans=1``, else 32; ``input_size=`` to change):
+
+- ``vgg_small[_bn]``: ``24 24 M 48 48 M 96 96 M`` (three stages, final map 3x3 / 4x4), FC-256,
+  dropout, FC-C. Sized for Fashion-MNIST on a 2-core CPU: ~33 MFLOPs per image, so ~15-20 epochs
+  of 54k images fit in 20 minutes at ~60-90 GFLOP/s. A GPU proxy run of the recipe (SGD nesterov,
+  one-cycle lr 0.05, label smoothing 0.1, pad-crop + flip, 20 epochs) gave 94.0 % test accuracy
+  (94.4 % with flip averaging); wider (32-64-128, 58.8 MFLOPs) gave 94.2 %, and keeping the 7x7
+  map of those widths (61.5 MFLOPs) 94.5 %.
+- ``vgg16_small[_bn]``: configuration D's layers (64 ... 512) with four pools (no fifth: the
+  final map is 1x1 at 28, 2x2 at 32), FC-512, dropout, FC-C: the usual CIFAR VGG-16.
 """
 
 from __future__ import annotations
