@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--fpn-size", type=int, default=128)
     p.add_argument("--temperature-period", type=int, default=5)
+    p.add_argument("--num-selects", default=None, help="K_i per stage, e.g. 0.5,0.5,0.67 (default: official)")
+    p.add_argument("--lambda-dropped", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -80,9 +82,14 @@ def make_arm(arm: str, args: argparse.Namespace, num_classes: int) -> tuple[nn.M
     backbone = create_model(args.model, num_classes=num_classes, in_chans=1)
     if arm == "plain":
         return backbone, CrossEntropyObjective(), backbone
+    selects = [float(v) for v in args.num_selects.split(",")] if args.num_selects else None
+    if selects and arm == "bs":
+        selects = selects[-1:]  # the last block only
     cfg = HERBSConfig(
         fpn_size=args.fpn_size,
         temperature_period=args.temperature_period,
+        num_selects=selects,
+        lambda_dropped=args.lambda_dropped,
         basic=None if arm == "herbs" else arm,
     )
     model, objective = build_herbs(backbone, num_classes, cfg, input_size=(1, 28, 28))

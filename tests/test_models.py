@@ -189,6 +189,18 @@ def test_timm_resnet18_contract() -> None:
     assert model(x).shape == (2, 3)
 
 
+@pytest.mark.parametrize("name,stages", [("timm/efficientnet_b0", 5), ("timm/convnext_atto", 4)])
+def test_timm_sequence_composes_for_other_families(name: str, stages: int) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, 4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert len(model.forward_stages(x)) == len(model.feature_info) == stages
+    names = [n for n, _ in model.sequence()]
+    assert all(s.module in names for s in model.feature_info) and "." not in "".join(names)
+    pre, rear = model.split(model.feature_info[-2].name)
+    torch.testing.assert_close(rear(pre(x)), model(x))
+
+
 def test_timm_swin_tokens_and_errors() -> None:
     model = create_model("timm/swin_tiny_patch4_window7_224", 5, img_size=32, window_size=2, embed_dim=24,
                          depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)).eval()

@@ -59,9 +59,14 @@ class Loaders:
 
 def _load_split(cfg: RunConfig, split: str) -> Any:
     d = cfg.data
-    return D.load_dataset(
-        d.name, d.root, split, label=d.label, bad_images=d.bad_images, download=d.name == "fashion_mnist"
+    load = lambda name: D.load_dataset(
+        d.name, d.root, name, label=d.label, bad_images=d.bad_images, download=d.name == "fashion_mnist"
     )
+    if d.name == "folder" and split == "test" and d.root is not None:
+        root = Path(d.root)
+        if not (root / "test").is_dir() and (root / "val").is_dir():
+            return load("val")  # ImageNet-style trees have train/ and val/: val/ is the test split
+    return load(split)
 
 
 def transforms_for(cfg: RunConfig, stats: dict[str, Any], image_size: int, in_memory: bool) -> tuple[Any, Any]:
@@ -272,22 +277,34 @@ class Trained:
         return transforms_for(self.cfg, md["data_stats"], md["image_size"], md.get("in_memory", False))[1]
 
 
-def load_trained(path: str | Path, *, classes: list[str] | None = None) -> Trained:
-    """Rebuild the model of a training checkpoint and load its weights (``weights_only``).
+def load_trained(
+    path: str | Path, *, classes: list[str] | None = None, overrides: list[str] | None = None
+) -> Trained:
+    """Rebuild the model of a training (or ``c2f compress``-ed) checkpoint and load its weights (``weights_only``).
 
     ``classes``: when given, the checkpoint's class list must equal it (CheckpointError otherwise).
+    ``overrides``: ``key=value`` settings applied to the stored config (e.g. ``data.root=...``).
     """
+    from coarse2fine.config import apply_overrides, to_dict
+    from coarse2fine.hdcnn.compression import apply_compression_structure, compression_of
+
     path = Path(path)
     ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "classes" not in ckpt:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a coarse2fine training checkpoint (no config/classes)")
+    for key in ("config", "classes", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r}: not a coarse2fine training checkpoint")
     try:
-        cfg = config_from_dict(ckpt["config"])
+        cfg = config_from_dict(apply_overrides(to_dict(config_from_dict(ckpt["config"])), overrides or []))
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: stored config is invalid: {exc}") from exc
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     metadata = dict(ckpt.get("metadata") or {})
-    saved_classes = list(ckpt["classes"])
+    saved_classes = [str(c) for c in ckpt["classes"]]
     model, _ = build_model_and_objective(cfg, len(saved_classes), metadata, load_files=False)
+    spec = compression_of(ckpt)
+    if spec:  # a product-quantised model: rebuild its quantised layers before loading
+        apply_compression_structure(model, spec)
     check_compatible(ckpt, classes, model, path)
     model.load_state_dict(model_state_of(ckpt, path))
     model.eval()

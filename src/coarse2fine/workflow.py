@@ -43,11 +43,9 @@ class RunReport:
 
 
 def _skipped(*datasets: Any) -> list[str]:
-    out: list[str] = []
-    for ds in datasets:
-        for item in getattr(ds, "skipped", None) or []:
-            out.append(str(getattr(item, "path", item)))
-    return out
+    """Unreadable images skipped (``bad_images: skip``), each path once (views share their base's record)."""
+    paths = [str(p) for ds in datasets for p in (getattr(ds, "skipped", None) or {})]
+    return list(dict.fromkeys(paths))
 
 
 def save_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
@@ -72,7 +70,7 @@ def train_run(
 ) -> RunReport:
     """Train ``cfg`` (on every process of a torchrun launch) and evaluate ``best`` on the test split."""
     apply_threads(cfg)
-    info = du.init_distributed()
+    info = du.init_distributed(device=cfg.train.device)
     bundle = B.build_datasets(cfg)
     loaders = B.build_loaders(cfg, bundle, rank=info.rank, world_size=info.world_size)
     metadata = bundle.metadata()

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from coarse2fine.errors import CheckpointError
@@ -87,27 +85,10 @@ def register(subparsers: Any) -> None:
 
 def load_model(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.Module, Any, list[str], dict]:
     """``(model in eval mode, config with overrides, classes, checkpoint)``; compressed checkpoints too."""
-    from coarse2fine.build import build_model_and_objective
-    from coarse2fine.config import apply_overrides, config_from_dict
-    from coarse2fine.engine.checkpoint import check_compatible, load_checkpoint, model_state_of
-    from coarse2fine.hdcnn.compression import apply_compression_structure, compression_of
+    from coarse2fine.build import load_trained
 
-    ckpt = load_checkpoint(path)
-    for key in ("config", "classes", "model"):
-        if key not in ckpt:
-            raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r}: not a coarse2fine training checkpoint")
-    cfg = config_from_dict(apply_overrides(copy.deepcopy(dict(ckpt["config"])), overrides or []))
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    classes = [str(c) for c in ckpt["classes"]]
-    metadata = dict(ckpt.get("metadata") or {})
-    model, _ = build_model_and_objective(cfg, len(classes), metadata, load_files=False)
-    spec = compression_of(ckpt)
-    if spec:
-        apply_compression_structure(model, spec)
-    check_compatible(ckpt, classes, model, path)
-    model.load_state_dict(model_state_of(ckpt, path))
-    return model.eval(), cfg, classes, ckpt
+    t = load_trained(path, overrides=overrides)
+    return t.model, t.cfg, t.classes, t.checkpoint
 
 
 def _data(cfg: Any, classes: list[str], path: str | Path) -> tuple[Any, Any]:

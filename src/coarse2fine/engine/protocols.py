@@ -213,14 +213,22 @@ def predict_views(
     ``images``: a tensor (B, C, H, W) or a list of (C, H, W) of any sizes (grouped by size).
     Returns the probabilities on the CPU and the views per image per model.
     """
+    model_list, runners, q = _setup(models, protocol, scales, train_scale, test_scale, max_batch)
+    with _eval_mode(model_list):
+        return _predict(runners, images, protocol, q, flip, mean, std)
+
+
+def _setup(
+    models: nn.Module | Sequence[nn.Module], protocol: str, scales: Sequence[int] | None,
+    train_scale: Sequence[int] | None, test_scale: int | None, max_batch: int,
+) -> tuple[list[nn.Module], list[_Runner], list[int]]:
+    """Checked protocol, the model list, one runner per model and the resolved scales."""
     check_protocol(protocol)
     model_list = [models] if isinstance(models, nn.Module) else list(models)
     if not model_list:
         raise ModelError("protocol: no model given")
     runners = [_Runner(m, max_batch) for m in model_list]
-    q = _resolve_scales(runners, protocol, scales, train_scale, test_scale)
-    with _eval_mode(model_list):
-        return _predict(runners, images, protocol, q, flip, mean, std)
+    return model_list, runners, _resolve_scales(runners, protocol, scales, train_scale, test_scale)
 
 
 @contextmanager
@@ -285,12 +293,7 @@ def evaluate_protocol(
     Models are put in eval mode (and restored). Returns ``(probs (N, C), targets (N,), views)`` as
     numpy, so the engine's metrics apply; for fusion ``probs`` is the mean over the models.
     """
-    check_protocol(protocol)
-    model_list = [models] if isinstance(models, nn.Module) else list(models)
-    if not model_list:
-        raise ModelError("protocol: no model given")
-    runners = [_Runner(m, max_batch) for m in model_list]
-    q = _resolve_scales(runners, protocol, scales, train_scale, test_scale)
+    model_list, runners, q = _setup(models, protocol, scales, train_scale, test_scale, max_batch)
     probs, targets, views = [], [], 0
     with _eval_mode(model_list):
         for images, labels in batches:

@@ -133,7 +133,8 @@ class TimmBackbone(Backbone):
         try:
             c, h, w = self.default_input_size
             if self.token_layout == "nchw":  # CNNs run on any size: trace on a small one
-                h, w = min(h, 64), min(w, 64)
+                least = max(64, *self.model.pretrained_cfg.get("min_input_size", (c, 64, 64))[1:])
+                h, w = min(h, least), min(w, least)
             x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0))
             x = x.to(next(self.model.parameters()).device)
             ref = self.model.forward_features(x)
