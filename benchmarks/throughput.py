@@ -10,6 +10,7 @@ same layer list, ``AdaptiveAvgPool2d`` to the final map and the same FC head (nn
     .venv/bin/python benchmarks/throughput.py                       # short run (a few iterations)
     .venv/bin/python benchmarks/throughput.py --iters 20 --warmup 3  # the full version
     .venv/bin/python benchmarks/throughput.py --memory-format contiguous --models vgg_small_bn
+    .venv/bin/python benchmarks/throughput.py --clock cpu   # per core, in CPU time: for a busy machine
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def torchvision_twin(ours: nn.Module, reference: str, num_classes: int) -> nn.Module:
@@ -142,15 +146,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: one thread timed by its own CPU time (robust to other jobs on a shared machine)")
     args = parser.parse_args()
     fmt = getattr(torch, args.memory_format.replace("contiguous", "contiguous_format"))
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.thread_time
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     peak = matmul_peak()
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
-          f"fp32 matmul peak {peak:.1f} GFLOP/s; {args.memory_format}, batch {args.batch}, "
+          f"fp32 matmul peak {peak:.1f} GFLOP/s; {args.clock} clock, {args.memory_format}, batch {args.batch}, "
           f"warmup {args.warmup}, iters {args.iters} (median)")
     print()
     print("| model | input | impl | train img/s | train GFLOP/s | train % peak | infer img/s | infer GFLOP/s "

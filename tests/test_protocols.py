@@ -119,6 +119,8 @@ def test_dense_plus_multicrop_is_mean_of_both() -> None:
     both, n = predict_views(model, x, "dense+multicrop", scales=[28, 31])
     assert (nd, nc, n) == (4, 100, 104)
     torch.testing.assert_close(both, (dense + crops) / 2)
+    chunked, _ = predict_views(model, x, "multicrop", scales=[28, 31], max_batch=3)  # views in small chunks
+    torch.testing.assert_close(chunked, crops)
 
 
 def test_fusion_averages_models_of_different_architectures() -> None:

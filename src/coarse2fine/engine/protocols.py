@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from coarse2fine.engine.objective import logits_of
 from coarse2fine.errors import ConfigError, ModelError
@@ -120,12 +121,19 @@ class _Runner:
             ys, xs = [(h - ch) // 2], [(w - cw) // 2]
         else:
             ys, xs = crop_positions(h, ch, grid), crop_positions(w, cw, grid)
-        views = [img[..., y : y + ch, x0 : x0 + cw] for y in ys for x0 in xs]
+        specs = [(y, x0, False) for y in ys for x0 in xs]
         if flip:
-            views += [v.flip(-1) for v in views]
+            specs += [(y, x0, True) for y, x0, _ in specs]
         b = x.shape[0]
-        probs = self._softmax(self.model, torch.cat(views))
-        return probs.view(len(views), b, -1).sum(0), len(views)
+        per_chunk = max(1, self.max_batch // b)  # views per forward: memory stays ~max_batch images
+        total = None
+        for i in range(0, len(specs), per_chunk):
+            chunk = [img[..., y : y + ch, x0 : x0 + cw] for y, x0, _ in specs[i : i + per_chunk]]
+            chunk = [v.flip(-1) if f else v for v, (_, _, f) in zip(chunk, specs[i : i + per_chunk])]
+            part = self._softmax(self.model, torch.cat(chunk)).view(len(chunk), b, -1).sum(0)
+            total = part if total is None else total + part
+        assert total is not None
+        return total, len(specs)
 
     def dense_views(self, x: Tensor, q: int, flip: bool) -> tuple[Tensor, int]:
         img = resize_shortest(x, q)
@@ -287,16 +295,18 @@ def evaluate_protocol(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     max_batch: int = 256,
+    progress: bool = False,
 ) -> ProtocolResult:
     """Run ``protocol`` over a loader (or any iterable of ``(images, targets)``) with one or more models.
 
     Models are put in eval mode (and restored). Returns ``(probs (N, C), targets (N,), views)`` as
     numpy, so the engine's metrics apply; for fusion ``probs`` is the mean over the models.
+    ``max_batch`` bounds the images per forward pass (views are chunked); ``progress`` shows a tqdm bar.
     """
     model_list, runners, q = _setup(models, protocol, scales, train_scale, test_scale, max_batch)
     probs, targets, views = [], [], 0
     with _eval_mode(model_list):
-        for images, labels in batches:
+        for images, labels in tqdm(batches, desc=protocol, disable=not progress, leave=False):
             p, views = _predict(runners, images, protocol, q, flip, mean, std)
             probs.append(p.numpy())
             targets.append(torch.as_tensor(labels).cpu().numpy().astype(np.int64))
