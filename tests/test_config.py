@@ -75,3 +75,7 @@ def test_resolved_config_round_trips() -> None:
 def test_override_into_scalar_is_an_error() -> None:
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"name": "x"}, ["name.sub=1"])
+
+
+def test_yaml_off_is_read_as_the_string_off() -> None:
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"

@@ -201,6 +201,8 @@ def build_backbone(cfg: RunConfig, num_classes: int, in_chans: int, *, load_file
     kwargs = dict(m.kwargs)
     if m.init is not None:
         kwargs["init"] = m.init
+    if cfg.data.image_size and not m.name.startswith("timm/"):
+        kwargs.setdefault("input_size", cfg.data.image_size)  # our heads are sized to the training input
     model = create_model(m.name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if load_files and m.pretrained_file:
         load_pretrained_file(model, m.pretrained_file)

@@ -229,6 +229,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            return "on" if value else "off"
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
 

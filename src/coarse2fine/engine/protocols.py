@@ -1,7 +1,8 @@
 """VGG's test protocols and ConvNet fusion (SPEC §1 "Testing").
 
 Images come at their native resolution, NCHW, uint8 (scaled to [0, 1]) or float; ``mean``/``std``
-normalise them after resizing (leave them None when the loader already normalised). Each view's
+normalise them (leave them None when the loader already normalised; normalising before or after
+the bilinear resize is the same, both being linear). Each view's
 softmax (of the logits, or of a dict output's ``"logits"``: HD-CNN, HERBS) is averaged per image;
 fused models average their per-model results.
 

@@ -7,6 +7,7 @@ Modelled on timm's ``features_only`` contract: stage outputs with channels and s
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +92,8 @@ class Backbone(nn.Module):
         cut = names.index(info.module) + 1
         if cut >= len(seq):
             raise ModelError(f"stage {stage!r} is the last module; the rear would be empty")
-        preceding = nn.Sequential(dict(seq[:cut]))
-        rear = nn.Sequential(dict(seq[cut:]))
+        preceding = nn.Sequential(OrderedDict(seq[:cut]))
+        rear = nn.Sequential(OrderedDict(seq[cut:]))
         return preceding, rear
 
     def num_parameters(self) -> int:

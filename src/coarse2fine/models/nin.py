@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from coarse2fine.models.base import Backbone, StageInfo
-from coarse2fine.models.utils import split_sequence
 from coarse2fine.models.vgg import init_weights
 
 
@@ -84,9 +83,6 @@ class NIN(Backbone):
 
     def sequence(self) -> list[tuple[str, nn.Module]]:
         return [("stage1", self.stage1), ("stage2", self.stage2), ("stage3", self.stage3), ("head", self.head)]
-
-    def split(self, stage: str) -> tuple[nn.Sequential, nn.Sequential]:
-        return split_sequence(self, stage)
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         outs = []

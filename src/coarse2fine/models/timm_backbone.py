@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from coarse2fine.errors import ModelError
 from coarse2fine.models.base import Backbone, StageInfo
-from coarse2fine.models.utils import split_sequence
 
 PREFIX = "timm/"
 
@@ -99,9 +98,6 @@ class TimmBackbone(Backbone):
         self.num_classes = num_classes
 
     # ---- sequence ---------------------------------------------------------------------------------
-    def split(self, stage: str) -> tuple[nn.Sequential, nn.Sequential]:
-        return split_sequence(self, stage)
-
     def _candidates(self) -> list[str]:
         """Children paths, expanded wherever a stage module lies strictly inside."""
         out: list[str] = []

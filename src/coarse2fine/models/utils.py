@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from torch import nn
 
 from coarse2fine.errors import ModelError
-from coarse2fine.models.base import Backbone
 
 
 def reset_last_layer(module: nn.Module, num_outputs: int) -> nn.Module:
@@ -40,20 +37,3 @@ def reset_last_layer(module: nn.Module, num_outputs: int) -> nn.Module:
     return new
 
 
-def split_sequence(model: Backbone, stage: str) -> tuple[nn.Sequential, nn.Sequential]:
-    """``Backbone.split`` with ``OrderedDict`` (``nn.Sequential`` rejects a plain dict on torch 2.x).
-
-    (preceding, rear) with ``rear(preceding(x)) == model(x)``; preceding ends with ``stage``.
-    """
-    info = model.stage(stage)
-    seq = model.sequence()
-    names = [n for n, _ in seq]
-    if info.module not in names:
-        raise ModelError(
-            f"stage {stage!r} (module {info.module!r}) is not a split point of "
-            f"{type(model).__name__}; split points: {names[:-1]}"
-        )
-    cut = names.index(info.module) + 1
-    if cut >= len(seq):
-        raise ModelError(f"stage {stage!r} is the last module; the rear would be empty")
-    return nn.Sequential(OrderedDict(seq[:cut])), nn.Sequential(OrderedDict(seq[cut:]))

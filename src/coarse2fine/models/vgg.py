@@ -45,7 +45,6 @@ from torch import Tensor, nn
 
 from coarse2fine.errors import ModelError
 from coarse2fine.models.base import Backbone, StageInfo
-from coarse2fine.models.utils import split_sequence
 
 # A stage is a list of convolutions: ``c`` is a 3x3 conv with c outputs, ``(c, 1)`` a 1x1 conv.
 ConvSpec = int | tuple[int, int]
@@ -191,9 +190,6 @@ class VGG(Backbone):
     def sequence(self) -> list[tuple[str, nn.Module]]:
         seq = [(f"stage{i}", getattr(self, f"stage{i}")) for i in range(1, self.num_stages + 1)]
         return [*seq, ("head", self.head)]
-
-    def split(self, stage: str) -> tuple[nn.Sequential, nn.Sequential]:
-        return split_sequence(self, stage)
 
     def forward_features(self, x: Tensor) -> Tensor:
         for i in range(1, self.num_stages + 1):
