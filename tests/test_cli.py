@@ -99,7 +99,7 @@ def test_eval_center_matches_training_report(trained_run: Path, capsys: pytest.C
 
 
 def test_predict_prints_top5(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    images, labels = _images(CLASSES, np.random.default_rng(1))
+    images, _ = _images(CLASSES, np.random.default_rng(1))
     paths = []
     for i in range(3):
         p = tmp_path / f"img{i}.png"
@@ -188,7 +188,8 @@ def test_python_dash_m_entry_point() -> None:
 def test_eval_protocols_and_fusion(trained_run: Path, protocol: str, capsys: pytest.CaptureFixture[str]) -> None:
     best = str(trained_run / "checkpoints" / "best.pt")
     out = trained_run / f"ev_{protocol}"
-    assert main(["eval", "--checkpoint", best, "--checkpoint", best, "--protocol", protocol, "-q", "--out", str(out)]) == 0
+    args = ["eval", "--checkpoint", best, "--checkpoint", best, "--protocol", protocol, "-q", "--out", str(out)]
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "2 model(s)" in text
     metrics = json.loads((out / f"test_{protocol.replace('+', '_')}_metrics.json").read_text())
