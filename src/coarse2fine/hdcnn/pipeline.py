@@ -244,7 +244,12 @@ def _fit_stage(
     desc: str,
     param_groups: Any = None,
 ) -> dict[str, Any]:
-    """``engine.fit`` one stage, then load its best (validation) weights; returns the best checkpoint."""
+    """``engine.fit`` one stage, then load its best (validation) weights; returns the best checkpoint.
+
+    ``resume``: continue from the stage's ``checkpoints/last.pt`` when there is one; otherwise (a
+    restart) an old run of the stage is overwritten.
+    """
+    started = (run_dir / "checkpoints" / "last.pt").is_file()
     result = fit(
         model,
         objective,
@@ -257,7 +262,7 @@ def _fit_stage(
         config_dict=to_dict(cfg),
         classes=classes,
         metadata=metadata,
-        resume=resume,
+        resume=resume and started,
         overwrite=not resume,
         param_groups=param_groups,
         progress=progress,
@@ -477,7 +482,12 @@ def evaluate_hdcnn(
     betas: Sequence[float] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Test-split metrics of SPEC 2.4: accuracy, coarse accuracy, severity, cost, beta sweep."""
+    """Test-split metrics of SPEC 2.4: accuracy, coarse accuracy, severity, cost, beta sweep.
+
+    ``report["hdcnn"]`` is the model at its own ``beta`` (``hdcnn.beta``; None: every component);
+    ``beta_sweep`` starts with every component run (``beta: null``) then each beta of ``betas``;
+    ``coarse`` and ``reference`` use the all-component predictions.
+    """
     device = resolve_device(cfg.train.device)
     num_classes = len(h.class_names)
     model.to(device)
