@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from coarse2fine.build import build_datasets, build_loaders
 from coarse2fine.config import load_config
-from coarse2fine.engine.evaluate import evaluate, resolve_device
+from coarse2fine.engine.evaluate import autocast, autocast_dtype, evaluate, resolve_device
 from coarse2fine.hdcnn.compression import model_bytes
 from coarse2fine.hdcnn.evaluation import compress_hdcnn, inference_pass, peak_memory_bytes
 from coarse2fine.hdcnn.model import HDCNN
@@ -69,6 +69,12 @@ class SoftmaxAverage(nn.Module):
 TIMER = time.perf_counter  # --clock cpu: time.thread_time with one torch thread (immune to other jobs)
 
 
+def _now(device: torch.device | None = None) -> float:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return TIMER()
+
+
 def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -102,35 +108,74 @@ def _round_robin_ms(rows: list[dict], images: Tensor, repeats: int) -> None:
         row["ms_per_image_best"] = 1000 * seconds / images.shape[0]
 
 
-def _exec_timing(model: HDCNN, images: Tensor, targets: Tensor, t: Any, repeats: int) -> dict[str, dict]:
+def _exec_timing(
+    model: HDCNN, images: Tensor, targets: Tensor, t: Any, repeats: int, amp: str = "off"
+) -> dict[str, dict]:
     """vmap vs loop over the K fine components on one batch: the modes alternate, best of ``repeats``.
 
     Training steps run on a copy (they update batch-norm statistics); inference runs all components.
     """
-    objective = HDCNNObjective(t)
+    device = images.device
+    dtype = autocast_dtype(amp, device)
+    objective = HDCNNObjective(t).to(device)
     scratch = copy.deepcopy(model)
     best = {mode: {"infer": float("inf"), "train": float("inf")} for mode in ("vmap", "loop")}
     outputs = {}
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first round warms up (not counted)
         for mode in ("vmap", "loop"):
             model.fine.set_exec(mode)
             scratch.fine.set_exec(mode)
             model.eval()
-            with torch.inference_mode():
-                start = TIMER()
-                outputs[mode] = model(images, beta=None)["probs"]
-                best[mode]["infer"] = min(best[mode]["infer"], TIMER() - start)
+            with torch.inference_mode(), autocast(device, dtype):
+                start = _now(device)
+                outputs[mode] = model(images, beta=None)["probs"].float()
+                infer = _now(device) - start
             scratch.train()
-            start = TIMER()
-            objective(scratch(images), targets)["loss"].backward()
-            best[mode]["train"] = min(best[mode]["train"], TIMER() - start)
+            start = _now(device)
+            with autocast(device, dtype):
+                loss = objective(scratch(images), targets)["loss"]
+            loss.backward()
+            train = _now(device) - start
             scratch.zero_grad(set_to_none=True)
+            if _ > 0:
+                best[mode]["infer"] = min(best[mode]["infer"], infer)
+                best[mode]["train"] = min(best[mode]["train"], train)
     n = images.shape[0]
     diff = float((outputs["vmap"] - outputs["loop"]).abs().max())
     return {
         mode: {"infer_ms_per_image": 1000 * v["infer"] / n, "train_step_ms": 1000 * v["train"], "max_prob_diff": diff}
         for mode, v in best.items()
     }
+
+
+SYNTHETIC = {"fashion_mnist": (10, 1, 28), "cifar100": (100, 3, 32)}  # classes, channels, size
+
+
+def exec_only(cfg: Any, batch: int, repeats: int) -> None:
+    """vmap vs loop on random images with an untrained HD-CNN of the recipe (no data, no training)."""
+    from coarse2fine.build import build_backbone
+
+    device = resolve_device(cfg.train.device)
+    c, chans, size = SYNTHETIC.get(cfg.data.name, (10, 3, 32))
+    k = cfg.hdcnn.num_coarse
+    sets = [sorted({*range(i, c, k), (i + 1) % c}) for i in range(k)]  # K overlapping partial sets
+    torch.manual_seed(cfg.seed)
+    block = build_backbone(dataclasses.replace(cfg, method="plain"), c, chans, load_files=False)
+    model = HDCNN(block, sets, cfg.hdcnn.branch_stage).to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    images = torch.randn(batch, chans, size, size, device=device)
+    targets = torch.randint(0, c, (batch,), device=device)
+    t = [len(s) / sum(map(len, sets)) for s in sets]
+    res = _exec_timing(model, images, targets, t, repeats, amp=cfg.train.amp)
+    print(
+        f"\nsynthetic HD-CNN: {cfg.model.name}, K={k}, branch at {cfg.hdcnn.branch_stage}, batch {batch}, "
+        f"device {device}, amp {cfg.train.amp}, best of {repeats}"
+    )
+    print("| all K fine components run as | inference ms / image | training step ms |\n|---|---:|---:|")
+    for mode, r in res.items():
+        print(f"| {mode} | {r['infer_ms_per_image']:.4f} | {r['train_step_ms']:.2f} |")
+    print(f"(largest probability difference between the two: {res['vmap']['max_prob_diff']:.1e})")
 
 
 def main() -> None:
@@ -148,6 +193,13 @@ def main() -> None:
         help="cpu: one torch thread, the timed rows measured by the thread's CPU time (for shared machines)",
     )
     ap.add_argument("--repeats", type=int, default=5, help="vmap vs loop timing: best of this many")
+    ap.add_argument(
+        "--exec-only",
+        type=int,
+        default=None,
+        metavar="BATCH",
+        help="only time vmap vs loop on random images of this batch size (untrained model; e.g. on a GPU)",
+    )
     args = ap.parse_args()
     global TIMER
     if args.clock == "cpu":
@@ -158,6 +210,9 @@ def main() -> None:
     overrides = ([] if args.full else SHORT) + args.overrides
     name = "full" if args.full else "short"
     cfg = load_config(args.config, [*overrides, f"out_dir={args.out}", f"name={name}"])
+    if args.exec_only:
+        exec_only(cfg, args.exec_only, args.repeats)
+        return
     device = resolve_device(cfg.train.device)
     paths = StagePaths(cfg.run_dir)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +281,7 @@ def main() -> None:
     # vmap vs loop over the K fine components (same model, same weights)
     images, targets = next(iter(loaders.train))
     images, targets = images.to(device), targets.to(device)
-    exec_times = _exec_timing(best, images, targets, t, repeats=args.repeats)
+    exec_times = _exec_timing(best, images, targets, t, repeats=args.repeats, amp=cfg.train.amp)
     best.fine.set_exec(cfg.hdcnn.fine_exec)
     best.eval()
     eval_images = next(iter(test))[0].to(device)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -78,23 +77,10 @@ def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
 
 
 def split_block(block: nn.Module, stage: str) -> tuple[nn.Module, nn.Module]:
-    """``block.split(stage)`` -> (preceding, rear); ModelError listing the stages if unknown.
-
-    Falls back to composing ``block.sequence()`` when ``split`` itself fails on a non-ModelError
-    (older ``models/base.py`` passed a plain dict to ``nn.Sequential``).
-    """
-    try:
-        return block.split(stage)
-    except ModelError:
-        raise
-    except TypeError:
-        info = block.stage(stage)
-        seq = block.sequence()
-        names = [n for n, _ in seq]
-        if info.module not in names:
-            raise ModelError(f"stage {stage!r} is not a split point; split points: {names[:-1]}") from None
-        cut = names.index(info.module) + 1
-        return nn.Sequential(OrderedDict(seq[:cut])), nn.Sequential(OrderedDict(seq[cut:]))
+    """``block.split(stage)`` -> (preceding, rear); ModelError listing the stages if ``stage`` is unknown."""
+    if not callable(getattr(block, "split", None)):
+        raise ModelError(f"HD-CNN needs a Backbone with split(stage); got {type(block).__name__}")
+    return block.split(stage)
 
 
 def _mangle(name: str) -> str:
