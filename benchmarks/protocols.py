@@ -45,6 +45,9 @@ def main() -> int:
     args = p.parse_args()
     torch.set_grad_enabled(False)
     trained = [load_trained(c) for c in args.checkpoint]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for t in trained:
+        t.model.to(device)
     first = trained[0]
     overrides = list(args.overrides)
     if args.limit_test:
@@ -61,7 +64,8 @@ def main() -> int:
             models = [t.model for t in trained]
             rows.append((f"fusion ({names}) {protocol}", *run(models, cfg, bundle.test, protocol, stats, c)))
     print(f"command: {' '.join(sys.argv)}")
-    print(f"machine: CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"machine: {where}, torch {torch.__version__}")
     print(f"test images: {len(bundle.test)}\n")
     print("| model / protocol | views per image | test top-1 % | test error % | ms per image |")
     print("|---|---|---|---|---|")

@@ -200,30 +200,46 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: the building block, then the HD-CNN pipeline, on Fashion-MNIST."""
+    """The main job: the building block, then the HD-CNN pipeline on top of it, on Fashion-MNIST.
+
+    The demo's runs are ``runs/demo_block`` and ``runs/demo_hdcnn``; a new demo replaces them.
+    """
+    import shutil
+
+    from coarse2fine.cli.hdcnn import print_report
+    from coarse2fine.hdcnn import run_pipeline
     from coarse2fine.workflow import train_run
 
-    overrides = list(args.overrides)
+    shared = list(args.overrides)
     if args.quick:
-        overrides += ["data.limit_train=3000", "data.limit_test=1000", "train.epochs=2"]
-    cfg = load_config(args.config, overrides)
+        shared += ["data.limit_train=3000", "data.limit_test=1000"]
+    epochs = 1 if args.quick else args.epochs
+    cfg = load_config(args.config, ["name=demo_block", f"train.epochs={epochs}", *shared])
     print(f"demo: training {cfg.model.name} on {cfg.data.name} for {cfg.train.epochs} epoch(s) -> {cfg.run_dir}")
     start = time.perf_counter()
     report = train_run(cfg, resume=False, overwrite=True, progress=not args.quiet)
     print_run_report(report)
     if args.skip_hdcnn:
         return 0
-    from coarse2fine.hdcnn import run_pipeline
-    h_over = [*args.hdcnn_overrides, f"hdcnn.block_checkpoint={report.run_dir / 'checkpoints' / 'best.pt'}"]
-    if args.quick:
-        h_over += ["data.limit_train=3000", "data.limit_test=1000", "hdcnn.fine_epochs=1", "hdcnn.finetune_epochs=1"]
-    hcfg = load_config(args.hdcnn_config, h_over)
+    block = report.run_dir / "checkpoints" / "best.pt"
+    hcfg = load_config(
+        args.hdcnn_config,
+        [
+            "name=demo_hdcnn",
+            f"hdcnn.block_checkpoint={block}",
+            f"hdcnn.fine_epochs={args.hdcnn_epochs}",
+            f"hdcnn.finetune_epochs={args.hdcnn_epochs}",
+            *shared,
+            *args.hdcnn_overrides,
+        ],
+    )
+    shutil.rmtree(hcfg.run_dir, ignore_errors=True)  # stages of an older demo were built on another block
     print(f"\ndemo: HD-CNN on top of that building block -> {hcfg.run_dir}")
     hreport = run_pipeline(hcfg, resume=True, progress=not args.quiet)
-    from coarse2fine.cli.hdcnn import print_report
-
+    print()
     print_report(hreport)
-    print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"\nfiles: {hcfg.run_dir}/ (hierarchy.json, hierarchy.png, hdcnn_report.json, the beta trade-off plot)")
+    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 
 
@@ -272,7 +288,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hdcnn-config", default="configs/hdcnn_fashion_mnist.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--hdcnn-set", dest="hdcnn_overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--quick", action="store_true", help="a 1-minute smoke run on a subset")
+    p.add_argument("--epochs", type=int, default=3, help="building-block epochs (default 3)")
+    p.add_argument("--hdcnn-epochs", type=int, default=1, help="epochs of each HD-CNN training stage (default 1)")
+    p.add_argument("--quick", action="store_true", help="a few-minute smoke run on a subset")
     p.add_argument("--skip-hdcnn", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_demo)
