@@ -35,15 +35,10 @@ from coarse2fine.hdcnn.model import HDCNN
 from coarse2fine.hdcnn.objective import HDCNNObjective
 from coarse2fine.hdcnn.pipeline import (
     StagePaths,
-    _class_counts,
-    _in_chans,
-    hdcnn_metadata,
+    pretrain_stages,
     stage_block,
-    stage_fine_components,
     stage_finetune,
-    stage_hierarchy,
 )
-from coarse2fine.hierarchy import coarse_targets
 
 SHORT = [
     "data.limit_train=3000",
@@ -221,24 +216,12 @@ def main() -> None:
     bundle = build_datasets(cfg)
     loaders = build_loaders(cfg, bundle)
     classes = list(bundle.classes)
-    block, _ = stage_block(cfg, bundle, loaders, paths, resume=True, progress=True)
+    pre = pretrain_stages(cfg, bundle, loaders, paths, resume=True, progress=True)
+    block, h, t, metadata, initial = pre.block, pre.hierarchy, pre.coarse_targets, pre.metadata, pre.model
     cfg2 = dataclasses.replace(cfg, seed=cfg.seed + 1, hdcnn=dataclasses.replace(cfg.hdcnn, block_checkpoint=None))
     block2, _ = stage_block(
         cfg2, bundle, loaders, StagePaths(paths.run_dir / "second_block"), resume=True, progress=True
     )
-    h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=True, progress=True)
-    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)))
-    metadata = hdcnn_metadata(cfg, h, _in_chans(bundle), t, bundle.metadata())
-    torch.manual_seed(cfg.seed)
-    initial = HDCNN(
-        block,
-        h.partial_sets,
-        cfg.hdcnn.branch_stage,
-        class_names=classes,
-        fine_exec=cfg.hdcnn.fine_exec,
-        fine_head_init=cfg.hdcnn.fine_head_init,
-    )
-    stage_fine_components(cfg, initial, bundle, paths, metadata, resume=True, progress=True)
     tuned = {}
     for lam in (0.0, cfg.hdcnn.consistency_weight):
         model = copy.deepcopy(initial)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.pretrained_file:
         extra.append(f"model.pretrained_file={args.pretrained_file}")
     cfg = resolve_config(args, extra)
-    hint = " ".join(["c2f", "train", *sys.argv[2:]] + ([] if args.resume else ["--resume"]))
+    launcher = ["c2f"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: resume the same way
+        launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "-m", "coarse2fine"]
+    hint = " ".join([*launcher, "train", *sys.argv[2:]] + ([] if args.resume else ["--resume"]))
     report = train_run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, resume_hint=hint)
     if du.is_main_process():
         print_run_report(report)

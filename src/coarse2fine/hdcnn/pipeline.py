@@ -591,6 +591,40 @@ def _check_cfg(cfg: RunConfig) -> None:
         raise ConfigError(f"hdcnn.beta_sweep values must be > 0, got {hc.beta_sweep}")
 
 
+@dataclasses.dataclass
+class Pretrained:
+    """What stages 1-3 of SPEC 2.3 produce: the block, the hierarchy and the pretrained HD-CNN."""
+
+    block: nn.Module
+    block_source: str
+    hierarchy: Any
+    coarse_targets: np.ndarray
+    metadata: dict[str, Any]
+    model: HDCNN
+
+
+def pretrain_stages(
+    cfg: RunConfig, bundle: Any, loaders: Any, paths: StagePaths, *, resume: bool = True, progress: bool = True
+) -> Pretrained:
+    """Stages 1-3: building block, hierarchy on the held-out split, fine components (shared layers frozen)."""
+    classes = list(bundle.classes)
+    block, block_source = stage_block(cfg, bundle, loaders, paths, resume=resume, progress=progress)
+    h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=resume, progress=progress)
+    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)))
+    metadata = hdcnn_metadata(cfg, h, _in_chans(bundle), t, bundle.metadata())
+    torch.manual_seed(cfg.seed)
+    model = HDCNN(
+        block,
+        h.partial_sets,
+        cfg.hdcnn.branch_stage,
+        class_names=classes,
+        fine_exec=cfg.hdcnn.fine_exec,
+        fine_head_init=cfg.hdcnn.fine_head_init,
+    )
+    stage_fine_components(cfg, model, bundle, paths, metadata, resume=resume, progress=progress)
+    return Pretrained(block, block_source, h, t, metadata, model)
+
+
 def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Train (stages 1-4, resumable) and evaluate an HD-CNN; returns (and saves) the report."""
     from coarse2fine.build import build_datasets, build_loaders
@@ -609,20 +643,10 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
     loaders = build_loaders(cfg, bundle)
     classes = list(bundle.classes)
 
-    block, block_source = stage_block(cfg, bundle, loaders, paths, resume=resume, progress=progress)
-    h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=resume, progress=progress)
-    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)))
-    metadata = hdcnn_metadata(cfg, h, _in_chans(bundle), t, bundle.metadata())
-    torch.manual_seed(cfg.seed)
-    model = HDCNN(
-        block,
-        h.partial_sets,
-        cfg.hdcnn.branch_stage,
-        class_names=classes,
-        fine_exec=cfg.hdcnn.fine_exec,
-        fine_head_init=cfg.hdcnn.fine_head_init,
+    pre = pretrain_stages(cfg, bundle, loaders, paths, resume=resume, progress=progress)
+    block, block_source, h, t, metadata, model = (
+        pre.block, pre.block_source, pre.hierarchy, pre.coarse_targets, pre.metadata, pre.model
     )
-    stage_fine_components(cfg, model, bundle, paths, metadata, resume=resume, progress=progress)
     if not (resume and paths.init.is_file()):
         save_checkpoint(_final_checkpoint(model, cfg, classes, metadata), paths.init)
     initial = build_hdcnn_model(cfg, classes, metadata)
