@@ -118,7 +118,7 @@ class HDCNNConfig:
     reference_hierarchy: str | None = None  # JSON {coarse: [fine, ...]} to compare against
     fine_lr: float | None = None  # fine-component pre-training lr; None: optim.lr
     fine_head_init: str = "random"  # random (SPEC 2.3: all but the last layer copied) | block (its rows)
-    fine_exec: str = "auto"  # auto | vmap (all K components batched) | loop (one after another)
+    fine_exec: str = "auto"  # auto (vmap on GPU, loop on CPU) | vmap (K components batched) | loop
     beta_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # evaluation sweep
 
 

@@ -117,7 +117,7 @@ class FineComponents(nn.Module):
         self.set_exec(exec_mode)
 
     def set_exec(self, exec_mode: str) -> None:
-        """``auto`` (vmap, falling back to a loop), ``vmap`` or ``loop`` for running all components."""
+        """``auto`` (vmap on GPU, loop on CPU; a loop if vmap fails), ``vmap`` or ``loop`` for all components."""
         if exec_mode not in FINE_EXEC:
             raise ModelError(f"hdcnn fine_exec {exec_mode!r} is not one of {FINE_EXEC}")
         self.exec_mode = exec_mode
@@ -161,8 +161,13 @@ class FineComponents(nn.Module):
         return vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, h)
 
     def forward_all(self, h: Tensor) -> Tensor:
-        """Every component on the whole batch -> logits ``(K, B, S_max)``."""
-        if self._vmap_ok is not False:
+        """Every component on the whole batch -> logits ``(K, B, S_max)``.
+
+        ``auto`` batches the K components with ``vmap`` on a GPU (one launch instead of K) and loops on
+        the CPU, where the loop measured faster (docs/BENCHMARKS.md, HD-CNN).
+        """
+        use_vmap = self._vmap_ok is not False and not (self.exec_mode == "auto" and h.device.type == "cpu")
+        if use_vmap:
             try:
                 return self._forward_vmap(h)
             except Exception as exc:  # vmap cannot trace some exotic layers: fall back, once
