@@ -202,3 +202,17 @@ def test_eval_unknown_protocol_is_refused(trained_run: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"), "--protocol", "tencrop"])
     assert exc.value.code == 2
+
+
+def test_finetune_from_a_checkpoint_keeps_its_weights(fmnist_root: Path, trained_run: Path, tmp_path: Path) -> None:
+    """Fine-tuning at a new scale (SPEC 1: S=384 from S=256): --pretrained-file takes a training checkpoint."""
+    best = trained_run / "checkpoints" / "best.pt"
+    args = _train_args(fmnist_root, tmp_path, "ft", "--pretrained-file", str(best), "--set", "train.epochs=1")
+    args += ["--set", "optim.lr=0.0", "--set", "optim.weight_decay=0.0", "--set", "data.pad=4"]
+    assert main(args) == 0
+    source = torch.load(best, weights_only=True)["model"]
+    tuned = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    convs = [k for k in source if k.endswith("weight") and source[k].dim() == 4]
+    assert convs
+    for k in convs:  # lr 0: the loaded weights are kept exactly
+        assert torch.equal(source[k], tuned[k]), k
