@@ -216,3 +216,48 @@ def test_finetune_from_a_checkpoint_keeps_its_weights(fmnist_root: Path, trained
     assert convs
     for k in convs:  # lr 0: the loaded weights are kept exactly
         assert torch.equal(source[k], tuned[k]), k
+
+
+def test_bad_images_skip_reports_paths_at_the_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An image folder with a corrupt and a zero-byte file: `bad_images: skip` trains and lists them."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for c, name in enumerate(["cat", "dog"]):
+            folder = tmp_path / "tree" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 80, size=(16, 16, 3), dtype=np.uint8)
+                arr[:, c * 8 : c * 8 + 8] = 230
+                Image.fromarray(arr).save(folder / f"{i}.png")
+    corrupt = tmp_path / "tree" / "train" / "cat" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    empty = tmp_path / "tree" / "train" / "dog" / "empty.jpg"
+    empty.write_bytes(b"")
+    args = [
+        "train", "--config", "configs/fashion_mnist_vgg.yaml", "--name", "folder", "--quiet",
+        "--set", f"out_dir={tmp_path / 'runs'}", "--set", "data.name=folder", "--set", f"data.root={tmp_path / 'tree'}",
+        "--set", "data.image_size=16", "--set", "data.train_scale=16", "--set", "data.val_fraction=0.25",
+        "--set", "data.batch_size=6", "--set", "train.epochs=1", "--set", "model.kwargs={hidden: 16}",
+        "--set", "data.bad_images=skip",
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 unreadable image(s)" in out
+    assert str(corrupt) in out and str(empty) in out
+    # the default policy refuses the same tree, naming a bad file
+    assert main([*args[:-2], "--set", "data.bad_images=error", "--name", "folder_err"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt.png" in err or "empty.jpg" in err
+
+
+def test_fusion_of_checkpoints_with_other_classes_exits_2(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    best = trained_run / "checkpoints" / "best.pt"
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["classes"] = [f"other{i}" for i in range(CLASSES)]
+    other = tmp_path / "renamed.pt"
+    torch.save(ckpt, other)
+    assert main(["eval", "--checkpoint", str(best), "--checkpoint", str(other), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "renamed.pt" in err and "share the class list" in err
