@@ -237,7 +237,7 @@ def test_bad_images_skip_reports_paths_at_the_end(tmp_path: Path, capsys: pytest
         "train", "--config", "configs/fashion_mnist_vgg.yaml", "--name", "folder", "--quiet",
         "--set", f"out_dir={tmp_path / 'runs'}", "--set", "data.name=folder", "--set", f"data.root={tmp_path / 'tree'}",
         "--set", "data.image_size=16", "--set", "data.train_scale=16", "--set", "data.val_fraction=0.25",
-        "--set", "data.batch_size=6", "--set", "train.epochs=1", "--set", "model.kwargs={hidden: 16}",
+        "--set", "data.batch_size=6", "--set", "train.epochs=1", "--set", "model.kwargs={hidden: [16]}",
         "--set", "data.bad_images=skip",
     ]  # fmt: skip
     assert main(args) == 0
