@@ -16,6 +16,7 @@ resume, whatever the number of workers.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import re
@@ -248,6 +249,11 @@ class FileLoader(_Loader):
         )
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.workers and getattr(self._loader, "_iterator", None) is None:
+            # forked workers share the parent's heap copy-on-write; freezing the objects that exist now keeps
+            # the workers' garbage collector from touching (and so copying) those pages
+            gc.collect()
+            gc.freeze()
         it = iter(self._loader)
         while True:
             try:
