@@ -247,39 +247,13 @@ def test_metadata_is_stored_as_plain_data(tmp_path: Path) -> None:
     ],
 )
 def test_bad_train_settings_are_config_errors(tmp_path: Path, override: dict[str, Any], message: str) -> None:
-    tr, va = make_loaders()
-    tcfg, ocfg, scfg = configs(**override)
+    settings = dict(override)
+    epochs = settings.pop("epochs", 3)
     with pytest.raises(ConfigError, match=message):
-        fit(
-            make_model(),
-            CrossEntropyObjective(),
-            tr,
-            va,
-            train_cfg=tcfg,
-            optim_cfg=ocfg,
-            schedule_cfg=scfg,
-            run_dir=tmp_path,
-            config_dict={},
-            classes=CLASSES,
-            progress=False,
-        )
+        run(tmp_path, epochs=epochs, **settings)
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_empty_training_loader_is_a_config_error(tmp_path: Path) -> None:
-    tr, va = make_loaders(batch_size=512)  # 256 samples, drop_last
-    tcfg, ocfg, scfg = configs()
     with pytest.raises(ConfigError, match="no batch"):
-        fit(
-            make_model(),
-            CrossEntropyObjective(),
-            tr,
-            va,
-            train_cfg=tcfg,
-            optim_cfg=ocfg,
-            schedule_cfg=scfg,
-            run_dir=tmp_path,
-            config_dict={},
-            classes=CLASSES,
-            progress=False,
-        )
+        run(tmp_path, batch_size=512)  # 256 samples, drop_last
