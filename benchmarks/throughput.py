@@ -11,6 +11,7 @@ same layer list, ``AdaptiveAvgPool2d`` to the final map and the same FC head (nn
     .venv/bin/python benchmarks/throughput.py --iters 20 --warmup 3  # the full version
     .venv/bin/python benchmarks/throughput.py --memory-format contiguous --models vgg_small_bn
     .venv/bin/python benchmarks/throughput.py --clock cpu   # per core, in CPU time: for a busy machine
+    .venv/bin/python benchmarks/throughput.py --conv-shapes 24-24@28 48-48@14 96-96@7  # kernels alone
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Case:
 CASES = {
     "vgg_small_bn": Case("vgg_small_bn", 1, 28, "small"),
     "vgg_small": Case("vgg_small", 1, 28, "small"),
+    "vgg_small_fast_bn": Case("vgg_small_fast_bn", 1, 28, "small"),
+    "vgg_small_fast": Case("vgg_small_fast", 1, 28, "small"),
     "vgg16_small_bn": Case("vgg16_small_bn", 3, 32, "small"),
     "vgg11": Case("vgg11", 3, 64, "vgg11"),
     "vgg11_bn": Case("vgg11_bn", 3, 64, "vgg11_bn"),
@@ -136,6 +139,34 @@ def measure(
     }
 
 
+def conv_ceiling(shapes: list[str], batch: int, iters: int, fmt: torch.memory_format) -> list[dict[str, float]]:
+    """Forward and backward (input + weight gradients) of single 3x3 convs ``CIN-COUT@HW``: how close the
+    library's kernels alone come to the matmul peak (a network of them cannot do better)."""
+    out = []
+    for shape in shapes:
+        chans, _, hw = shape.partition("@")
+        cin, cout = (int(c) for c in chans.split("-"))
+        size = int(hw)
+        conv = nn.Conv2d(cin, cout, 3, padding=1).to(memory_format=fmt)
+        x = torch.randn(batch, cin, size, size).contiguous(memory_format=fmt).requires_grad_()
+        grad = torch.randn(batch, cout, size, size).contiguous(memory_format=fmt)
+        flops = 2 * batch * size * size * cin * cout * 9
+        fwd, bwd = [], []
+        for i in range(iters + 2):
+            t0 = CLOCK()
+            y = conv(x)
+            t1 = CLOCK()
+            y.backward(grad)
+            t2 = CLOCK()
+            if i >= 2:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+        f, b = statistics.median(fwd), statistics.median(bwd)
+        gflops = {"fwd": flops / f / 1e9, "bwd": 2 * flops / b / 1e9, "total": 3 * flops / (f + b) / 1e9}
+        out.append({"shape": shape, **gflops})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["vgg_small_bn", "vgg16_small_bn", "vgg11"],
@@ -148,6 +179,8 @@ def main() -> None:
     parser.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: one thread timed by its own CPU time (robust to other jobs on a shared machine)")
+    parser.add_argument("--conv-shapes", nargs="*", default=None, metavar="CIN-COUT@HW",
+                        help="instead of models: time single 3x3 convs (e.g. 24-24@28 48-48@14) against the peak")
     args = parser.parse_args()
     fmt = getattr(torch, args.memory_format.replace("contiguous", "contiguous_format"))
     global CLOCK
@@ -157,15 +190,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    peak = matmul_peak()
-    cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
-          f"fp32 matmul peak {peak:.1f} GFLOP/s; {args.clock} clock, {args.memory_format}, batch {args.batch}, "
-          f"warmup {args.warmup}, iters {args.iters} (median)")
-    print()
-    print("| model | input | impl | train img/s | train GFLOP/s | train % peak | infer img/s | infer GFLOP/s "
-          "| infer % peak | ours / torchvision (train, infer) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    # the peak is measured before, between and after the models and the best is used: on a shared
+    # machine a single measurement can land in a slow moment and inflate every "% peak"
+    peaks = [matmul_peak()]
+    if args.conv_shapes:
+        convs = conv_ceiling(args.conv_shapes, args.batch, args.iters, fmt)
+        peaks.append(matmul_peak())
+        peak = max(peaks)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s "
+              f"(best of {len(peaks)}); {args.clock} clock, {args.memory_format}, batch {args.batch}, "
+              f"iters {args.iters} (median)\n")
+        print("| 3x3 conv | forward % peak | backward % peak | forward + backward % peak |")
+        print("|---|---|---|---|")
+        for r in convs:
+            print(f"| {r['shape']} | {100 * r['fwd'] / peak:.0f}% | {100 * r['bwd'] / peak:.0f}% | "
+                  f"{100 * r['total'] / peak:.0f}% |")
+        return
+    results = []
     for name in args.models:
         case = CASES[name]
         case.batch = args.batch
@@ -175,6 +216,19 @@ def main() -> None:
             ref = torchvision_twin(ours, case.reference, args.classes)
             label = f"torchvision {case.reference}" if case.reference != "small" else "torchvision make_layers"
             rows.append((label, measure(ref, case, args.classes, args.warmup, args.iters, fmt)))
+        results.append((name, case, rows))
+        peaks.append(matmul_peak())
+    peak = max(peaks)
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
+          f"fp32 matmul peak {peak:.1f} GFLOP/s (best of {len(peaks)} measurements, lowest {min(peaks):.1f}); "
+          f"{args.clock} clock, {args.memory_format}, batch {args.batch}, warmup {args.warmup}, iters {args.iters} "
+          "(median)")
+    print()
+    print("| model | input | impl | train img/s | train GFLOP/s | train % peak | infer img/s | infer GFLOP/s "
+          "| infer % peak | ours / torchvision (train, infer) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, case, rows in results:
         for i, (impl, r) in enumerate(rows):
             ratio = ""
             if i == 0 and len(rows) > 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -234,3 +236,51 @@ def test_cache_from_inference_mode_is_not_used_by_autograd() -> None:
     out.sum().backward()
     assert xg.grad is not None
     torch.testing.assert_close(out.detach(), ref)
+
+
+def test_columns_axis_quantises_the_transpose() -> None:
+    """axis="columns": PQ of W^T (segments of s rows, k-means on the n columns); factor with m, n swapped."""
+    torch.manual_seed(0)
+    assert compression_factor(96, 864, 4, 64, "columns") == pytest.approx(compression_factor(864, 96, 4, 64))
+    assert compression_factor(96, 864, 4, 64, "columns") > 4.0 > compression_factor(96, 864, 4, 64)
+    model = Tiny().eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    # conv 32 x 27 and linear 96 x 128: exact when k covers every column
+    exact_spec = {"features.0": (4, 27, "columns"), "classifier.1": (3, 128, "columns")}
+    exact = compress_model(copy.deepcopy(model), exact_spec)
+    assert all(r.rel_error == 0.0 and r.axis == "columns" for r in exact.layers)
+    r = {x.name: x for x in exact.layers}["features.0"]
+    assert (r.m, r.n, r.padded_n) == (32, 27, 32)
+    lossy = copy.deepcopy(model)
+    report = compress_model(lossy, {"features.2": (4, 32, "columns"), "classifier.1": (3, 16, "columns")})
+    layer = lossy.classifier[1]
+    assert layer.codes.shape == (128, 32) and layer.centers.shape == (32, 16, 3)  # 96 rows padded to 96 = 32 x 3
+    assert layer.weight.shape == (96, 128)
+    r = {x.name: x for x in report.layers}["classifier.1"]
+    assert r.bytes_after == 128 * 32 + 32 * 16 * 3 * 4
+    assert r.factor == pytest.approx(compression_factor(96, 128, 3, 16, "columns"))
+    # every reconstructed column segment is one of that segment's centres
+    w = layer.weight.detach()
+    torch.testing.assert_close(w[3:6, 7], layer.centers[1, int(layer.codes[7, 1])])
+    with torch.no_grad():
+        after = lossy(x)
+    assert 0.0 < float((after - before).norm() / before.norm()) < 0.5
+    # the spec keeps the axis and rebuilds the structure
+    assert report.spec()["classifier.1"] == [3, 16, "columns"]
+    fresh = apply_compression_structure(Tiny(), report.spec()).eval()
+    fresh.load_state_dict(lossy.state_dict())
+    torch.testing.assert_close(fresh(x), lossy(x))
+    with pytest.raises(ModelError, match="axis must be one of"):
+        compress_model(Tiny(), {"classifier.1": (3, 16, "diagonal")})
+    assert parse_layer_spec(["a=4:16:columns"]) == {"a": (4, 16, "columns")}
+    with pytest.raises(C2FError, match="AXIS"):
+        parse_layer_spec(["a=4:16:sideways"])
+
+
+def test_auto_rule_picks_the_longer_side() -> None:
+    model = nn.Sequential(nn.Linear(864, 96), nn.Linear(96, 864))
+    spec = auto_spec(model, axis="auto")
+    assert spec["0"] == (4, 216, "columns")  # 864 columns > 96 rows: k = a quarter of the columns
+    assert spec["1"] == (4, 216)  # 864 rows: the SPEC orientation

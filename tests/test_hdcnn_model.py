@@ -221,6 +221,26 @@ def test_compress_hdcnn_quantises_every_part() -> None:
     assert (after - before).abs().max() < 0.5
 
 
+def test_compress_hdcnn_rear_leaves_shared_layers_and_counts_rear_bytes() -> None:
+    from coarse2fine.hdcnn.compression import model_bytes
+    from coarse2fine.hdcnn.evaluation import compress_hdcnn
+
+    torch.manual_seed(0)
+    model = HDCNN(TinyBlock(6, width=32), SETS, "stage1").eval()
+    shared_before = model_bytes(model.shared)
+    rear_before = model_bytes(model.coarse) + model_bytes(model.fine)
+    report = compress_hdcnn(model, "rear", axis="columns", conv=(2, 16), min_params=64)
+    assert report["shared_layers"] is None and model_bytes(model.shared) == shared_before
+    assert all(type(m).__name__ != "PQConv2d" for m in model.shared.modules())
+    assert report["rear_bytes_before"] == rear_before
+    assert report["rear_bytes_after"] == model_bytes(model.coarse) + report["fine_components_bytes"][1]
+    assert report["rear_factor"] == pytest.approx(rear_before / report["rear_bytes_after"])
+    assert report["rear_factor"] > 1.0
+    assert all(r["axis"] == "columns" for part in report["fine_components"] for r in part["layers"])
+    with pytest.raises(ModelError, match="'rear'"):
+        compress_hdcnn(model, "everything")
+
+
 def test_default_beta_and_explicit_none() -> None:
     model = make(beta=1.0, sharp=30.0).eval()
     x = torch.randn(8, 1, 8, 8)

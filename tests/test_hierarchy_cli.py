@@ -239,3 +239,18 @@ def test_c2f_compress_end_to_end(trained_checkpoint, tmp_path, capsys) -> None:
     assert "no layer named 'nope'" in capsys.readouterr().err
     assert main(["compress", "--checkpoint", str(trained_checkpoint), "--layers", "classifier.1"]) == 2
     assert "NAME=S:K" in capsys.readouterr().err
+
+
+def test_c2f_compress_auto_rule_options(trained_checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / "pq_axis.pt"
+    args = ["compress", "--checkpoint", str(trained_checkpoint), "--auto", "--axis", "columns"]
+    assert main([*args, "--linear", "4:8", "--out", str(out), "--no-progress"]) == 0
+    assert "columns" in capsys.readouterr().out
+    spec = compression_of(torch.load(out, weights_only=True))
+    assert spec and all(sk[2] == "columns" and sk[1] <= 8 for sk in spec.values())
+    from coarse2fine.cli.hierarchy import load_model
+
+    model, _, _, _ = load_model(out)  # the transposed codes load back into their layers
+    assert all(getattr(m, "axis", "columns") == "columns" for m in model.modules() if hasattr(m, "codes"))
+    assert main([*args, "--linear", "4", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "NAME=S:K" in capsys.readouterr().err

@@ -52,7 +52,10 @@ def test_vgg_stages_and_shapes(name: str) -> None:
     convs = [sum(isinstance(m, nn.Conv2d) for m in getattr(model, f"stage{i}")) for i in range(1, 6)]
     assert convs == CONVS_PER_STAGE[name.removesuffix("_bn")]
     for i in range(1, 6):
-        assert isinstance(list(getattr(model, f"stage{i}"))[-1], nn.MaxPool2d)
+        kinds = [type(m) for m in getattr(model, f"stage{i}")]
+        assert kinds.count(nn.MaxPool2d) == 1
+        lrn_last = "lrn" in name and i == 1  # A-LRN stage 1: conv, relu, lrn, pool (LRN does not commute)
+        assert kinds[-1:] == [nn.MaxPool2d] if lrn_last else kinds[-2:] == [nn.MaxPool2d, nn.ReLU]
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == name.endswith("_bn")
     assert any(isinstance(m, nn.LocalResponseNorm) for m in model.modules()) == ("lrn" in name)
     if name.startswith("vgg16_c"):
@@ -100,7 +103,7 @@ def test_vgg_split_composes_to_forward(name: str, stage: str) -> None:
 
 
 def test_small_variants_shapes_and_flops() -> None:
-    for name in ["vgg_small", "vgg_small_bn", "vgg16_small", "vgg16_small_bn"]:
+    for name in ["vgg_small", "vgg_small_bn", "vgg_small_fast", "vgg_small_fast_bn", "vgg16_small", "vgg16_small_bn"]:
         for chans, size in [(1, 28), (3, 32)]:
             with torch.device("meta"):
                 model = create_model(name, 10, in_chans=chans).eval()
@@ -110,6 +113,13 @@ def test_small_variants_shapes_and_flops() -> None:
     assert fm["input_size"] == (1, 28, 28)
     assert 20e6 <= fm["flops"] <= 60e6, fm  # the Fashion-MNIST budget (module docstring)
     assert model_summary("vgg16_small_bn", 10, 3)["flops"] > 5 * fm["flops"]
+    with torch.device("meta"):
+        fast = create_model("vgg_small_fast_bn", 10, in_chans=1)
+    widths = [[m.out_channels for m in getattr(fast, f"stage{i}") if isinstance(m, nn.Conv2d)] for i in (1, 2, 3)]
+    assert widths == [[16], [64, 64], [128, 128]] and fast.final_map == (128, 3, 3)
+    # 28*28*16*9 + 14*14*(16*64 + 64*64)*9 + 7*7*(64*128 + 128*128)*9 + 1152*256 + 256*10 multiply-adds
+    macs = 28 * 28 * 16 * 9 + 14 * 14 * (16 * 64 + 64 * 64) * 9 + 7 * 7 * (64 * 128 + 128 * 128) * 9 + 1152 * 256 + 2560
+    assert model_summary("vgg_small_fast_bn", 10, 1)["flops"] == 2 * macs
 
 
 def test_init_schemes() -> None:
@@ -253,3 +263,22 @@ def test_load_pretrained_file(tmp_path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match=r"bad\.pt"):
         load_pretrained_file(src, bad)
+
+
+def test_relu_after_pool_equals_relu_before_pool() -> None:
+    """The stage puts its last ReLU after the pool: same outputs and gradients as the usual order."""
+    torch.manual_seed(0)
+    model = create_model("vgg_small_bn", num_classes=4, in_chans=1).train()
+    stage = model.stage1
+    assert list(stage._modules)[-2:] == ["pool", "relu2"]
+    usual = nn.Sequential(*(stage._modules[k] for k in ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool"]))
+    x = torch.randn(6, 1, 28, 28)
+    outs, grads = [], []
+    for net in (stage, usual):
+        net.zero_grad()
+        y = net(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs.append(y.detach())
+        grads.append(stage.conv1.weight.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1])

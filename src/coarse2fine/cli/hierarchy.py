@@ -58,15 +58,28 @@ def register(subparsers: Any) -> None:
         "compress",
         help="product-quantise a trained model's layers (HD-CNN compression)",
         description="Each chosen layer's weight (conv flattened to out x in*kh*kw) is split into column "
-        "segments of width s, k-means with k centres per segment, uint8 codes + fp32 centres (SPEC 2.4). "
+        "segments of width s, k-means with k centres per segment, uint8 codes + fp32 centres (SPEC 2.4); "
+        "axis 'columns' quantises the transposed weight instead (better for layers with few rows). "
         "Saves a checkpoint whose metadata names the compressed layers.",
     )
     c.add_argument("--checkpoint", required=True, help="a training checkpoint")
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument(
-        "--layers", nargs="+", metavar="NAME=S:K", help="layers to compress, e.g. classifier.0=14:64 classifier.3=4:256"
+        "--layers",
+        nargs="+",
+        metavar="NAME=S:K[:AXIS]",
+        help="layers to compress, e.g. classifier.0=14:64 classifier.3=4:256:columns",
     )
     which.add_argument("--auto", action="store_true", help="every Linear (s=4) and kxk Conv2d (s=3) worth compressing")
+    c.add_argument(
+        "--axis",
+        choices=("rows", "columns", "auto"),
+        default="rows",
+        help="--auto: cluster the weight's row segments (SPEC), its column segments (W^T), or per layer "
+        "the longer side (default: rows)",
+    )
+    c.add_argument("--linear", default=None, metavar="S:K", help="--auto: s and largest k of Linear layers (4:256)")
+    c.add_argument("--conv", default=None, metavar="S:K", help="--auto: s and largest k of kxk convs (3:128)")
     c.add_argument("--out", default=None, help="compressed checkpoint (default: <checkpoint>_pq.pt beside it)")
     c.add_argument("--eval", action="store_true", help="test-split accuracy before and after")
     c.add_argument("--seed", type=int, default=0, help="k-means seed")
@@ -247,7 +260,7 @@ def compressed_checkpoint(ckpt: dict[str, Any], model: nn.Module, report: Any, *
 def run_compress(args: argparse.Namespace) -> int:
     from coarse2fine.engine import evaluate, save_checkpoint
     from coarse2fine.engine.evaluate import resolve_device
-    from coarse2fine.hdcnn.compression import compress_model, compression_of, parse_layer_spec
+    from coarse2fine.hdcnn.compression import auto_spec, compress_model, compression_of, parse_layer_spec
 
     model, cfg, classes, ckpt = load_model(args.checkpoint, args.overrides)
     if compression_of(ckpt):
@@ -255,7 +268,14 @@ def run_compress(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_pq.pt")
     if out.resolve() == Path(args.checkpoint).resolve():
         raise CheckpointError(f"--out {str(out)!r} would overwrite the input checkpoint")
-    spec = "auto" if args.auto else parse_layer_spec(args.layers)
+    if args.auto:
+        rule: dict[str, Any] = {"axis": args.axis}
+        for kind in ("linear", "conv"):
+            if getattr(args, kind):
+                rule[kind] = parse_layer_spec([f"{kind}={getattr(args, kind)}"])[kind][:2]
+        spec: Any = auto_spec(model, **rule)
+    else:
+        spec = parse_layer_spec(args.layers)
     device = resolve_device(cfg.train.device)
     model.to(device)
     results: dict[str, Any] = {}

@@ -9,6 +9,11 @@ stores its centre index (uint8) and every segment its centres (float32): compres
 ``n`` not a multiple of ``s`` is zero-padded up to one (logged; the padding is dropped on
 reconstruction). ``k`` larger than the number of rows ``m`` is clipped to ``m`` (every row then is
 its own centre: exact); ``k`` above 256 does not fit uint8 codes and is an error.
+
+``axis="columns"`` quantises ``W^T`` instead (segments of ``s`` rows, k-means on the ``n`` columns;
+factor ``32mn / (32km + 8mn/s)``), as Gong et al. (2014), whose PQ HD-CNN uses, allow for either
+dimension. Small layers need it: with few rows (a 96-channel conv) the ``k`` centres of the SPEC
+orientation cost as much as the weights, while its 864 columns leave room for 4x and more.
 """
 
 from __future__ import annotations
@@ -34,13 +39,32 @@ log = logging.getLogger(__name__)
 
 MAX_K = 256  # uint8 codes
 
-LayerSpec = tuple[int, int]  # (s, k)
+AXES = ("rows", "columns")  # which vectors k-means clusters: W's row segments (SPEC) or W^T's
+LayerSpec = tuple[int, int] | tuple[int, int, str]  # (s, k[, axis])
 Spec = Mapping[str, LayerSpec]
 
 
-def compression_factor(m: int, n: int, s: int, k: int) -> float:
-    """``32mn / (32kn + 8mn/s)`` (SPEC 2.4): fp32 weight bits over fp32 centres + uint8 code bits."""
+def compression_factor(m: int, n: int, s: int, k: int, axis: str = "rows") -> float:
+    """``32mn / (32kn + 8mn/s)`` (SPEC 2.4): fp32 weight bits over fp32 centres + uint8 code bits.
+
+    ``axis="columns"`` (``W^T`` quantised): ``32mn / (32km + 8mn/s)``.
+    """
+    _check_axis(axis)
+    if axis == "columns":
+        m, n = n, m
     return 32.0 * m * n / (32.0 * k * n + 8.0 * m * n / s)
+
+
+def _check_axis(axis: str, where: str = "") -> str:
+    if axis not in AXES:
+        at = f" for {where}" if where else ""
+        raise ModelError(f"product quantisation{at}: axis must be one of {', '.join(AXES)}, got {axis!r}")
+    return axis
+
+
+def oriented(m: int, n: int, axis: str) -> tuple[int, int]:
+    """``(points, dims)`` of the quantised matrix: ``(m, n)`` for ``rows``, ``(n, m)`` for ``columns``."""
+    return (n, m) if _check_axis(axis) == "columns" else (m, n)
 
 
 def _check_sk(m: int, s: int, k: int, where: str = "") -> int:
@@ -213,10 +237,12 @@ class _PQMixin(nn.Module):
     codes: Tensor
     centers: Tensor
 
-    def _init_pq(self, m: int, n: int, s: int, k: int) -> None:
-        segs = math.ceil(n / s)
-        self.s, self.k, self.n = s, k, n
-        self.register_buffer("codes", torch.zeros(m, segs, dtype=torch.uint8))
+    def _init_pq(self, m: int, n: int, s: int, k: int, axis: str = "rows") -> None:
+        """Buffers for a ``(m, n)`` weight; ``axis="columns"`` stores the codes of ``W^T``."""
+        points, dims = oriented(m, n, axis)
+        segs = math.ceil(dims / s)
+        self.s, self.k, self.n, self.axis = s, k, dims, axis
+        self.register_buffer("codes", torch.zeros(points, segs, dtype=torch.uint8))
         self.register_buffer("centers", torch.zeros(segs, k, s, dtype=torch.float32))
         self._cached: Tensor | None = None
 
@@ -237,6 +263,8 @@ class _PQMixin(nn.Module):
         if c is not None and not self.training and (torch.is_inference_mode_enabled() or not c.is_inference()):
             return c
         w = reconstruct(self.codes, self.centers, self.n)
+        if self.axis == "columns":
+            w = w.t().contiguous()
         if not self.training:
             self._cached = w
         return w
@@ -261,10 +289,12 @@ class _PQMixin(nn.Module):
 class PQLinear(_PQMixin):
     """``nn.Linear`` whose weight is product-quantised (SPEC 2.4)."""
 
-    def __init__(self, in_features: int, out_features: int, s: int, k: int, bias: bool = True) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, s: int, k: int, bias: bool = True, axis: str = "rows"
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_pq(out_features, in_features, s, k)
+        self._init_pq(out_features, in_features, s, k, axis)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @property
@@ -275,18 +305,21 @@ class PQLinear(_PQMixin):
         return F.linear(x, self.weight_matrix().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}, k={self.k}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}, k={self.k}, "
+            f"axis={self.axis}"
+        )
 
     @classmethod
-    def empty_like(cls, layer: nn.Linear, s: int, k: int) -> PQLinear:
-        k = _check_sk(layer.out_features, s, k)
-        return cls(layer.in_features, layer.out_features, s, k, bias=layer.bias is not None)
+    def empty_like(cls, layer: nn.Linear, s: int, k: int, axis: str = "rows") -> PQLinear:
+        k = _check_sk(oriented(layer.out_features, layer.in_features, axis)[0], s, k)
+        return cls(layer.in_features, layer.out_features, s, k, bias=layer.bias is not None, axis=axis)
 
 
 class PQConv2d(_PQMixin):
     """``nn.Conv2d`` whose weight (flattened ``out x in/groups*kh*kw``) is product-quantised (SPEC 2.4)."""
 
-    def __init__(self, conv: nn.Conv2d, s: int, k: int) -> None:
+    def __init__(self, conv: nn.Conv2d, s: int, k: int, axis: str = "rows") -> None:
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = tuple(conv.kernel_size)
@@ -296,7 +329,7 @@ class PQConv2d(_PQMixin):
         self._reversed_padding = list(getattr(conv, "_reversed_padding_repeated_twice", []))
         self.weight_shape = tuple(conv.weight.shape)
         n = int(np.prod(self.weight_shape[1:]))
-        self._init_pq(self.out_channels, n, s, k)
+        self._init_pq(self.out_channels, n, s, k, axis)
         self.bias = nn.Parameter(torch.zeros(self.out_channels)) if conv.bias is not None else None
 
     @property
@@ -314,12 +347,13 @@ class PQConv2d(_PQMixin):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, s={self.s}, k={self.k}"
+            f"padding={self.padding}, s={self.s}, k={self.k}, axis={self.axis}"
         )
 
     @classmethod
-    def empty_like(cls, conv: nn.Conv2d, s: int, k: int) -> PQConv2d:
-        return cls(conv, s, _check_sk(conv.out_channels, s, k))
+    def empty_like(cls, conv: nn.Conv2d, s: int, k: int, axis: str = "rows") -> PQConv2d:
+        m, n = _layer_dims(conv)
+        return cls(conv, s, _check_sk(oriented(m, n, axis)[0], s, k), axis)
 
 
 @dataclass
@@ -331,11 +365,12 @@ class LayerReport:
     n: int
     s: int
     k: int  # effective k (clipped to m)
-    padded_n: int
-    factor: float  # SPEC formula on (m, n, s, k)
+    padded_n: int  # quantised dimension after zero padding (n, or m for axis="columns")
+    factor: float  # SPEC formula on (m, n, s, k, axis)
     bytes_before: int  # fp32 weight
     bytes_after: int  # uint8 codes + fp32 centres
     rel_error: float  # ||W - W_hat||_F / ||W||_F
+    axis: str = "rows"  # rows: SPEC orientation; columns: W^T quantised
 
 
 @dataclass
@@ -350,10 +385,10 @@ class CompressionReport:
     def model_factor(self) -> float:
         return self.model_bytes_before / max(self.model_bytes_after, 1)
 
-    def spec(self) -> dict[str, list[int]]:
-        """``{layer: [s, k]}`` (effective k), JSON-able: rebuilds the structure with
-        :func:`apply_compression_structure`."""
-        return {r.name: [r.s, r.k] for r in self.layers}
+    def spec(self) -> dict[str, list[Any]]:
+        """``{layer: [s, k]}`` (effective k; ``[s, k, "columns"]`` for ``W^T``), JSON-able: rebuilds the
+        structure with :func:`apply_compression_structure`."""
+        return {r.name: [r.s, r.k] + ([r.axis] if r.axis != "rows" else []) for r in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -366,16 +401,16 @@ class CompressionReport:
     def table(self) -> str:
         """Markdown table of the layers and the model totals."""
         rows = [
-            "| layer | shape | s | k | factor | bytes before | bytes after | rel. error |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| layer | shape | axis | s | k | factor | bytes before | bytes after | rel. error |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.layers:
             rows.append(
-                f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.s} | {r.k} | {r.factor:.2f}x | "
+                f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.axis} | {r.s} | {r.k} | {r.factor:.2f}x | "
                 f"{r.bytes_before:,} | {r.bytes_after:,} | {r.rel_error:.4f} |"
             )
         rows.append(
-            f"| **model** | | | | {self.model_factor:.2f}x | {self.model_bytes_before:,} | "
+            f"| **model** | | | | | {self.model_factor:.2f}x | {self.model_bytes_before:,} | "
             f"{self.model_bytes_after:,} | |"
         )
         return "\n".join(rows)
@@ -407,13 +442,15 @@ def auto_spec(
     min_factor: float = 1.3,
     min_params: int = 4096,
     skip: tuple[str, ...] = (),
+    axis: str = "rows",
 ) -> dict[str, LayerSpec]:
     """Default rule. Every ``nn.Linear`` gets ``s, k_max = linear`` (the paper's fc7 setting) and every
     ``nn.Conv2d`` with a kernel larger than 1x1 gets ``conv`` (the paper's NIN setting: s=3, k=128 for
-    192 rows), with ``k = auto_k(m, k_max, ratio)``: at most a quarter of a linear layer's rows and
+    192 rows), with ``k = auto_k(points, k_max, ratio)``: at most a quarter of a linear layer's rows and
     two thirds of a conv's (on a small Fashion-MNIST VGG, k = a quarter of the conv rows lost 55 points
     of accuracy, two thirds about 1). A layer is kept when it has at least ``min_params`` weights and
-    its SPEC factor is at least ``min_factor``.
+    its SPEC factor is at least ``min_factor``. ``axis``: ``rows`` (SPEC), ``columns`` (``W^T``) or
+    ``auto`` (per layer, the side with more vectors to cluster: columns when ``n > m``).
     """
     spec: dict[str, LayerSpec] = {}
     for name, mod in model.named_modules():
@@ -426,19 +463,20 @@ def auto_spec(
         else:
             continue
         m, n = _layer_dims(mod)
-        k = auto_k(m, k_max, ratio)
-        if m * n >= min_params and compression_factor(m, n, s, k) >= min_factor:
-            spec[name] = (s, k)
+        ax = ("columns" if n > m else "rows") if axis == "auto" else _check_axis(axis)
+        k = auto_k(oriented(m, n, ax)[0], k_max, ratio)
+        if m * n >= min_params and compression_factor(m, n, s, k, ax) >= min_factor:
+            spec[name] = (s, k) if ax == "rows" else (s, k, ax)
     return spec
 
 
-def _resolve_spec(model: nn.Module, spec: Spec | str | None) -> dict[str, LayerSpec]:
+def _resolve_spec(model: nn.Module, spec: Spec | str | None) -> dict[str, tuple[int, int, str]]:
     if spec is None or spec == "auto":
-        return auto_spec(model)
+        spec = auto_spec(model)
     if isinstance(spec, str):
         raise ModelError(f"compression spec {spec!r}: expected 'auto' or a mapping layer -> (s, k)")
     modules = dict(model.named_modules())
-    out: dict[str, LayerSpec] = {}
+    out: dict[str, tuple[int, int, str]] = {}
     for name, sk in spec.items():
         if name not in modules:
             layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d, _PQMixin))]
@@ -447,10 +485,14 @@ def _resolve_spec(model: nn.Module, spec: Spec | str | None) -> dict[str, LayerS
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             raise ModelError(f"compression: layer {name!r} is a {type(mod).__name__}, not Linear or Conv2d")
         try:
-            s, k = (int(v) for v in sk)
+            if isinstance(sk, str) or len(sk) not in (2, 3):
+                raise ValueError
+            s, k = int(sk[0]), int(sk[1])
+            axis = str(sk[2]) if len(sk) == 3 else "rows"
         except (TypeError, ValueError) as exc:
-            raise ModelError(f"compression: layer {name!r} needs (s, k), got {sk!r}") from exc
-        out[name] = (s, _check_sk(_layer_dims(mod)[0], s, k, name))
+            raise ModelError(f"compression: layer {name!r} needs (s, k) or (s, k, axis), got {sk!r}") from exc
+        _check_axis(axis, name)
+        out[name] = (s, _check_sk(oriented(*_layer_dims(mod), axis)[0], s, k, name), axis)
     return out
 
 
@@ -460,11 +502,11 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _empty_pq(mod: nn.Module, s: int, k: int) -> _PQMixin:
+def _empty_pq(mod: nn.Module, s: int, k: int, axis: str) -> _PQMixin:
     if isinstance(mod, nn.Linear):
-        return PQLinear.empty_like(mod, s, k)
+        return PQLinear.empty_like(mod, s, k, axis)
     if isinstance(mod, nn.Conv2d):
-        return PQConv2d.empty_like(mod, s, k)
+        return PQConv2d.empty_like(mod, s, k, axis)
     raise ModelError(f"compression: {type(mod).__name__} is not Linear or Conv2d")
 
 
@@ -476,7 +518,7 @@ def compress_model(
     backend: str = "sklearn",
     device: str | torch.device | None = None,
 ) -> CompressionReport:
-    """Replace the layers named in ``spec`` (``{name: (s, k)}``, or ``"auto"`` = :func:`auto_spec`) by
+    """Replace the layers named in ``spec`` (``{name: (s, k[, axis])}``, or ``"auto"`` = :func:`auto_spec`) by
     :class:`PQLinear` / :class:`PQConv2d` in place and report sizes and reconstruction errors.
     ``backend`` / ``device``: the k-means implementation (see :func:`product_quantize`).
     """
@@ -485,12 +527,14 @@ def compress_model(
         raise ModelError("compression: no layer to compress (empty spec, or no layer fits the auto rule)")
     report = CompressionReport(model_bytes_before=model_bytes(model))
     modules = dict(model.named_modules())
-    for name, (s, k) in layers.items():
+    for name, (s, k, axis) in layers.items():
         mod = modules[name]
         weight = mod.weight.detach()
         m, n = _layer_dims(mod)
-        codes, centers = product_quantize(weight, s, k, seed, backend=backend, device=device)
-        new = _empty_pq(mod, s, k)
+        matrix = weight.reshape(m, n)
+        quantised = matrix.t() if axis == "columns" else matrix
+        codes, centers = product_quantize(quantised, s, k, seed, backend=backend, device=device)
+        new = _empty_pq(mod, s, k, axis)
         new.set_quantized(codes, centers)
         if mod.bias is not None:
             with torch.no_grad():
@@ -498,7 +542,7 @@ def compress_model(
         new.to(weight.device)
         new.train(mod.training)
         _set_module(model, name, new)
-        err = relative_error(weight, reconstruct(codes, centers, n))
+        err = relative_error(quantised, reconstruct(codes, centers, quantised.shape[1]))
         report.layers.append(
             LayerReport(
                 name=name,
@@ -509,10 +553,11 @@ def compress_model(
                 s=s,
                 k=new.k,
                 padded_n=centers.shape[0] * s,
-                factor=compression_factor(m, n, s, new.k),
+                factor=compression_factor(m, n, s, new.k, axis),
                 bytes_before=weight.numel() * weight.element_size(),
                 bytes_after=new.compressed_bytes,
                 rel_error=err,
+                axis=axis,
             )
         )
     report.model_bytes_after = model_bytes(model)
@@ -528,14 +573,14 @@ def apply_compression_structure(model: nn.Module, report_or_spec: CompressionRep
     if isinstance(report_or_spec, CompressionReport):
         spec: Mapping[str, Any] = report_or_spec.spec()
     elif "layers" in report_or_spec and isinstance(report_or_spec["layers"], list):
-        spec = {r["name"]: (r["s"], r["k"]) for r in report_or_spec["layers"]}
+        spec = {r["name"]: (r["s"], r["k"], r.get("axis", "rows")) for r in report_or_spec["layers"]}
     else:
         spec = report_or_spec
     layers = _resolve_spec(model, spec)
     modules = dict(model.named_modules())
-    for name, (s, k) in layers.items():
+    for name, (s, k, axis) in layers.items():
         mod = modules[name]
-        new = _empty_pq(mod, s, k)
+        new = _empty_pq(mod, s, k, axis)
         new.to(mod.weight.device)
         new.train(mod.training)
         _set_module(model, name, new)
@@ -543,17 +588,22 @@ def apply_compression_structure(model: nn.Module, report_or_spec: CompressionRep
 
 
 def parse_layer_spec(items: list[str]) -> dict[str, LayerSpec]:
-    """``["fc6=14:64", "fc7=4:256"]`` -> ``{"fc6": (14, 64), "fc7": (4, 256)}`` (command-line form)."""
+    """``["fc6=14:64", "fc7=4:256:columns"]`` -> ``{"fc6": (14, 64), "fc7": (4, 256, "columns")}``
+    (command-line form; the axis is optional, ``rows`` by default)."""
     out: dict[str, LayerSpec] = {}
     for item in items:
         name, sep, sk = item.partition("=")
-        s, sep2, k = sk.partition(":")
+        parts = sk.split(":")
         try:
-            if not (sep and sep2 and name):
+            if not (sep and name) or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in AXES):
                 raise ValueError
-            out[name.strip()] = (int(s), int(k))
+            s, k = int(parts[0]), int(parts[1])
+            out[name.strip()] = (s, k) if len(parts) == 2 else (s, k, parts[2])
         except ValueError as exc:
-            raise ModelError(f"layer spec {item!r}: expected NAME=S:K, e.g. classifier.0=4:256") from exc
+            raise ModelError(
+                f"layer spec {item!r}: expected NAME=S:K or NAME=S:K:AXIS (axis rows or columns), "
+                "e.g. classifier.0=4:256"
+            ) from exc
     return out
 
 

@@ -151,26 +151,33 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: str | Path, *, title: st
     return path
 
 
-def compress_hdcnn(model: nn.Module, spec: str | dict[str, Any] = "auto", *, seed: int = 0) -> dict[str, Any]:
+def compress_hdcnn(
+    model: nn.Module, spec: str | dict[str, Any] = "auto", *, seed: int = 0, **auto: Any
+) -> dict[str, Any]:
     """Product-quantise an HD-CNN in place (SPEC 2.4) and return the storage accounting.
 
-    ``spec``: ``"auto"`` (``compression.auto_spec`` for every part; a part with no layer big enough
-    is left as it is), ``"fc"`` (the same, fully connected layers only) or
+    ``spec``: ``"auto"`` (``compression.auto_spec`` for every part, with the keyword arguments
+    ``auto``, e.g. ``axis="auto"``; a part with no layer big enough is left as it is),
+    ``"rear"`` (the same for the coarse and fine components only: the shared layers stay fp32),
+    ``"fc"`` (the auto rule, fully connected layers only) or
     ``{"shared": {...}, "coarse": {...}, "fine": {...}}`` with the layer specs
     ``{layer name: (s, k)}`` of each part (names inside that part; ``fine`` applies to every F_k).
     Shared layers and the coarse component get PQ layers. The fine components are stacked tensors,
     not modules: each F_k is compressed as a standalone copy and its reconstructed (quantised)
     weights are copied back into the stack, so accuracy is that of the compressed model; their
-    bytes are counted as uint8 codes + fp32 centres per component.
+    bytes are counted as uint8 codes + fp32 centres per component. ``rear_*``: the coarse and fine
+    components together (the layers after the branch point).
     """
     from coarse2fine.hdcnn.compression import auto_spec, compress_model, model_bytes
 
-    if isinstance(spec, str) and spec not in ("auto", "fc"):
-        raise ModelError(f"HD-CNN compression spec {spec!r}: expected 'auto', 'fc' or a mapping per part")
+    if isinstance(spec, str) and spec not in ("auto", "rear", "fc"):
+        raise ModelError(f"HD-CNN compression spec {spec!r}: expected 'auto', 'rear', 'fc' or a mapping per part")
 
     def part(module: nn.Module, name: str, part_seed: int) -> Any:
+        if spec == "rear" and name == "shared":
+            return None
         if isinstance(spec, str):
-            layers = auto_spec(module)
+            layers = auto_spec(module, **auto)
             if spec == "fc":  # fully connected layers only (the paper's VGG setting)
                 layers = {n: sk for n, sk in layers.items() if isinstance(module.get_submodule(n), nn.Linear)}
         else:
@@ -179,6 +186,7 @@ def compress_hdcnn(model: nn.Module, spec: str | dict[str, Any] = "auto", *, see
 
     before = model_bytes(model)
     fine_before = model_bytes(model.fine)
+    rear_before = fine_before + model_bytes(model.coarse)
     reports = {
         "shared_layers": part(model.shared, "shared", seed),
         "coarse_component": part(model.coarse, "coarse", seed),
@@ -199,10 +207,14 @@ def compress_hdcnn(model: nn.Module, spec: str | dict[str, Any] = "auto", *, see
             for name, target in {**params, **buffers}.items():
                 target[k].copy_(state[name].reshape(target[k].shape))
     after = model_bytes(model) - fine_before + fine_after
+    rear_after = fine_after + model_bytes(model.coarse)
     return {
         "bytes_before": before,
         "bytes_after": after,
         "factor": before / max(after, 1),
+        "rear_bytes_before": rear_before,
+        "rear_bytes_after": rear_after,
+        "rear_factor": rear_before / max(rear_after, 1),
         **{key: (rep.to_dict() if rep is not None else None) for key, rep in reports.items()},
         "fine_components": fine_layers,
         "fine_components_bytes": [fine_before, fine_after],
