@@ -8,6 +8,7 @@ Python loop over them (inference and one training step).
     python benchmarks/hdcnn.py                      # short version (limit_train, 1-2 epochs per stage)
     python benchmarks/hdcnn.py --full               # the recipe's data and epoch budget
     python benchmarks/hdcnn.py --set hdcnn.num_coarse=3 --out runs/bench
+    python benchmarks/hdcnn.py --compress-sweep runs/demo_hdcnn/hdcnn.pt   # PQ settings on a trained HD-CNN
 
 Stages are cached under ``<out>/<name>/`` like ``c2f hdcnn fit``: a second run re-evaluates only.
 """
@@ -19,6 +20,7 @@ import copy
 import dataclasses
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from coarse2fine.build import build_datasets, build_loaders
+from coarse2fine.build import build_datasets, build_loaders, eval_loader, load_trained
 from coarse2fine.config import load_config
 from coarse2fine.engine.evaluate import autocast, autocast_dtype, evaluate, resolve_device
 from coarse2fine.hdcnn.compression import model_bytes
@@ -182,6 +184,40 @@ def exec_only(cfg: Any, batch: int, repeats: int) -> None:
     print(f"(largest probability difference between the two: {res['vmap']['max_prob_diff']:.1e})")
 
 
+# settings compared by --compress-sweep: label -> (spec, auto_spec keywords); "C" = axis columns (W^T)
+_C = "columns"
+SWEEP: dict[str, tuple[str | dict[str, Any], dict[str, Any]]] = {
+    "fully connected layers, SPEC orientation (s=4, k<=m/4)": ("fc", {}),
+    "auto, SPEC orientation (fc s=4 k<=m/4, conv s=3 k<=2m/3)": ("auto", {}),
+    "auto, longer side (same s, k)": ("auto", {"axis": "auto"}),
+    "rear preset (longer side, fc s=4 k=64, conv s=2 k=128)": ("rear", REAR_PQ),
+    "rear, longer side, fc s=8 k=64, conv s=3 k=128": ("rear", {"axis": "auto", "linear": (8, 64), "conv": (3, 128)}),
+    "rear, longer side, fc s=4 k=32, conv s=3 k=128": ("rear", {"axis": "auto", "linear": (4, 32), "conv": (3, 128)}),
+    "rear, longer side, fc s=4 k=64, conv s=4 k=64": ("rear", {"axis": "auto", "linear": (4, 64), "conv": (4, 64)}),
+}
+
+
+def compress_sweep(checkpoint: str, seed: int) -> None:
+    """Test top-1 and sizes of a trained HD-CNN under each SWEEP setting (no training; k-means only)."""
+    trained = load_trained(checkpoint)
+    cfg, model = trained.cfg, trained.model
+    bundle = build_datasets(cfg)
+    loader = eval_loader(cfg, bundle.test, trained.eval_transform())
+    base = evaluate(model, loader, num_classes=len(trained.classes)).top1
+    print(f"command: {' '.join(sys.argv)}\n{checkpoint}: K={model.num_coarse}, test top-1 {100 * base:.2f} %\n")
+    print("| setting | test top-1 % | points lost | rear layers smaller | model smaller |")
+    print("|---|---:|---:|---:|---:|")
+    for label, (spec, auto) in SWEEP.items():
+        compressed = copy.deepcopy(model)
+        report = compress_hdcnn(compressed, spec, seed=seed, **auto)
+        top1 = evaluate(compressed, loader, num_classes=len(trained.classes)).top1
+        print(
+            f"| {label} | {100 * top1:.2f} | {100 * (base - top1):.2f} | {report['rear_factor']:.2f}x | "
+            f"{report['factor']:.2f}x |",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/hdcnn_fashion_mnist.yaml")
@@ -204,6 +240,12 @@ def main() -> None:
         metavar="BATCH",
         help="only time vmap vs loop on random images of this batch size (untrained model; e.g. on a GPU)",
     )
+    ap.add_argument(
+        "--compress-sweep",
+        default=None,
+        metavar="CHECKPOINT",
+        help="only compare product-quantisation settings on a trained HD-CNN checkpoint (test top-1, sizes)",
+    )
     args = ap.parse_args()
     global TIMER
     if args.clock == "cpu":
@@ -216,6 +258,9 @@ def main() -> None:
     cfg = load_config(args.config, [*overrides, f"out_dir={args.out}", f"name={name}"])
     if args.exec_only:
         exec_only(cfg, args.exec_only, args.repeats)
+        return
+    if args.compress_sweep:
+        compress_sweep(args.compress_sweep, cfg.seed)
         return
     device = resolve_device(cfg.train.device)
     paths = StagePaths(cfg.run_dir)

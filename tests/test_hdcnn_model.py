@@ -222,23 +222,55 @@ def test_compress_hdcnn_quantises_every_part() -> None:
 
 
 def test_compress_hdcnn_rear_leaves_shared_layers_and_counts_rear_bytes() -> None:
-    from coarse2fine.hdcnn.compression import model_bytes
+    from coarse2fine.hdcnn.compression import state_bytes
     from coarse2fine.hdcnn.evaluation import compress_hdcnn
 
     torch.manual_seed(0)
     model = HDCNN(TinyBlock(6, width=32), SETS, "stage1").eval()
-    shared_before = model_bytes(model.shared)
-    rear_before = model_bytes(model.coarse) + model_bytes(model.fine)
+    shared_before = state_bytes(model.shared)
+    rear_before = state_bytes(model.coarse) + state_bytes(model.fine)
     report = compress_hdcnn(model, "rear", axis="columns", conv=(2, 16), min_params=64)
-    assert report["shared_layers"] is None and model_bytes(model.shared) == shared_before
+    assert report["shared_layers"] is None and state_bytes(model.shared) == shared_before
     assert all(type(m).__name__ != "PQConv2d" for m in model.shared.modules())
     assert report["rear_bytes_before"] == rear_before
-    assert report["rear_bytes_after"] == model_bytes(model.coarse) + report["fine_components_bytes"][1]
+    assert report["rear_bytes_after"] == state_bytes(model.coarse) + state_bytes(model.fine)
     assert report["rear_factor"] == pytest.approx(rear_before / report["rear_bytes_after"])
-    assert report["rear_factor"] > 1.0
+    assert report["rear_factor"] > 2.0
     assert all(r["axis"] == "columns" for part in report["fine_components"] for r in part["layers"])
+    assert report["spec"]["fine.body.0.weight"] == [2, 16, "columns"]
     with pytest.raises(ModelError, match="'rear'"):
         compress_hdcnn(model, "everything")
+
+
+def test_compressed_fine_components_save_codes_and_load_back() -> None:
+    from coarse2fine.hdcnn.compression import apply_compression_structure, state_bytes
+    from coarse2fine.hdcnn.evaluation import compress_hdcnn
+
+    torch.manual_seed(0)
+    model = HDCNN(TinyBlock(6, width=32), SETS, "stage1").eval()
+    x = torch.randn(4, 1, 8, 8)
+    plain = state_bytes(model.fine)
+    report = compress_hdcnn(model, {"fine": {"body.0": (4, 8, "columns")}, "coarse": {"body.0": (4, 8)}})
+    state = model.state_dict()
+    # the stacked fp32 weight is replaced by K uint8 code tables and K centre tables
+    assert "fine.body__0__weight" not in state
+    assert state["fine.body__0__weight__codes"].dtype == torch.uint8
+    assert state["fine.body__0__weight__codes"].shape == (3, 288, 8)  # K, 32*9 columns, 32/4 segments
+    assert state["fine.body__0__weight__centers"].shape == (3, 8, 8, 4)
+    assert state_bytes(model.fine) < plain - 3 * 32 * 288 * 4 + 3 * (288 * 8 + 8 * 8 * 4 * 4) + 1
+    # each component's weight is its own dequantised codes: at most 8 distinct column segments
+    w = model.fine.stacked()[0]["body.0.weight"][1].reshape(32, 288)
+    assert torch.unique(w[:4].t(), dim=0).shape[0] <= 8
+    out = model(x)["probs"]
+    fresh = HDCNN(TinyBlock(6, width=32), SETS, "stage1").eval()
+    with pytest.raises(RuntimeError):
+        fresh.load_state_dict(state)  # codes without the structure do not load
+    apply_compression_structure(fresh, report["spec"])
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x)["probs"], out)
+    assert torch.equal(fresh.fine.stacked()[0]["body.0.weight"], model.fine.stacked()[0]["body.0.weight"])
+    with pytest.raises(ModelError, match=r"no weight named 'body\.9\.weight'"):
+        fresh.fine.apply_pq_structure("body.9.weight", 4, 8)
 
 
 def test_default_beta_and_explicit_none() -> None:

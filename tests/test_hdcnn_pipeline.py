@@ -159,6 +159,38 @@ def test_skip_when_exists_resume_and_cli(
     assert [r["beta"] for r in json.loads(out.read_text())["beta_sweep"]] == [None, 1.5]
 
 
+def test_c2f_compress_hdcnn_stores_fine_codes_and_loads_back(
+    finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coarse2fine.build import load_trained
+    from coarse2fine.cli import main
+
+    cfg, _ = finished
+    src = cfg.run_dir / "hdcnn.pt"
+    out = tmp_path / "hdcnn_pq.pt"
+    layers = ["fine.body.0=2:4:columns", "coarse.body.0=2:4"]
+    args = ["compress", "--checkpoint", str(src), "--layers", *layers, "--out", str(out), "--eval", "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "rear layers (coarse + fine components)" in text and "fine 2" in text and "test top-1" in text
+    ckpt = load_checkpoint(out)
+    assert ckpt["metadata"]["compression"]["fine.body.0.weight"] == [2, 4, "columns"]
+    assert "fine.body__0__weight" not in ckpt["model"]  # stored as K code tables + centres
+    assert ckpt["model"]["fine.body__0__weight__codes"].dtype == torch.uint8
+    # the compressed checkpoint rebuilds and runs with the quantised weights
+    trained = load_trained(out)
+    w = trained.model.fine.stacked()[0]["body.0.weight"]
+    assert all(torch.unique(w[k].reshape(8, -1)[:2].t(), dim=0).shape[0] <= 4 for k in range(3))
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(trained.model(x)["probs"].sum(1), torch.ones(2), atol=1e-5)
+    after = ckpt["compression_eval"]["after"]["top1"]
+    again = main(["eval", "--checkpoint", str(out), "--out", str(tmp_path / "ev")])
+    assert again == 0 and f"{100 * after:.2f}" in capsys.readouterr().out
+    # a layer name without its part is a clear error
+    assert main(["compress", "--checkpoint", str(src), "--layers", "body.0=2:4"]) == 2
+    assert "shared., coarse. or fine." in capsys.readouterr().err
+
+
 def test_cli_fit_reuses_block_checkpoint(
     finished: tuple[RunConfig, dict],
     tmp_path: Path,

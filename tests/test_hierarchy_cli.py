@@ -254,3 +254,5 @@ def test_c2f_compress_auto_rule_options(trained_checkpoint, tmp_path, capsys) ->
     assert all(getattr(m, "axis", "columns") == "columns" for m in model.modules() if hasattr(m, "codes"))
     assert main([*args, "--linear", "4", "--out", str(tmp_path / "x.pt")]) == 2
     assert "NAME=S:K" in capsys.readouterr().err
+    assert main([*args, "--rear", "--out", str(tmp_path / "y.pt")]) == 2
+    assert "--rear needs an HD-CNN" in capsys.readouterr().err

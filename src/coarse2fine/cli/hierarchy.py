@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from coarse2fine.errors import CheckpointError
+from coarse2fine.errors import CheckpointError, ModelError
 
 # checkpoint entries that do not survive compression (the optimiser state is for other tensors)
 _DROPPED_ON_COMPRESS = ("optimizer", "scheduler", "scaler", "rng", "ema")
@@ -80,6 +80,11 @@ def register(subparsers: Any) -> None:
     )
     c.add_argument("--linear", default=None, metavar="S:K", help="--auto: s and largest k of Linear layers (4:256)")
     c.add_argument("--conv", default=None, metavar="S:K", help="--auto: s and largest k of kxk convs (3:128)")
+    c.add_argument(
+        "--rear",
+        action="store_true",
+        help="HD-CNN with --auto: only the coarse and fine components (the shared layers stay fp32)",
+    )
     c.add_argument("--out", default=None, help="compressed checkpoint (default: <checkpoint>_pq.pt beside it)")
     c.add_argument("--eval", action="store_true", help="test-split accuracy before and after")
     c.add_argument("--seed", type=int, default=0, help="k-means seed")
@@ -246,21 +251,61 @@ def run_hierarchy(args: argparse.Namespace) -> int:
 
 
 def compressed_checkpoint(ckpt: dict[str, Any], model: nn.Module, report: Any, **extra: Any) -> dict[str, Any]:
-    """The checkpoint of a compressed model: config, classes, metadata + ``compression`` spec, report."""
+    """The checkpoint of a compressed model: config, classes, metadata + ``compression`` spec, report.
+
+    ``report``: a ``CompressionReport`` or the dict of ``compress_hdcnn`` (whose ``spec`` names every
+    quantised tensor of the HD-CNN).
+    """
     out = {k: v for k, v in ckpt.items() if k not in _DROPPED_ON_COMPRESS}
     out["model"] = model.state_dict()
     metadata = dict(ckpt.get("metadata") or {})
-    metadata["compression"] = report.spec()
+    metadata["compression"] = report["spec"] if isinstance(report, dict) else report.spec()
     out["metadata"] = metadata
-    out["compression_report"] = report.to_dict()
+    out["compression_report"] = report if isinstance(report, dict) else report.to_dict()
     out.update(extra)
     return out
+
+
+_HDCNN_PARTS = ("shared", "coarse", "fine")
+
+
+def _hdcnn_layers(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"fine.stage3.conv1": (s, k)}`` -> ``{"fine": {"stage3.conv1": (s, k)}}`` (names start with a part)."""
+    parts: dict[str, dict[str, Any]] = {}
+    for name, sk in spec.items():
+        part, _, inner = name.partition(".")
+        if part not in _HDCNN_PARTS or not inner:
+            raise ModelError(
+                f"HD-CNN compression: layer {name!r} must start with shared., coarse. or fine. "
+                "(e.g. fine.stage3.conv1=2:128:columns; fine applies to every fine component)"
+            )
+        parts.setdefault(part, {})[inner] = sk
+    return parts
+
+
+def _print_hdcnn_compression(result: dict[str, Any]) -> None:
+    rows = ["| part | layer | shape | axis | s | k | factor | rel. error |", "|---|---|---|---|---:|---:|---:|---:|"]
+    sections = [("shared", result["shared_layers"]), ("coarse", result["coarse_component"])]
+    sections += [(f"fine {k}", r) for k, r in enumerate(result["fine_components"])]
+    for part, rep in sections:
+        for r in (rep or {}).get("layers", []):
+            rows.append(
+                f"| {part} | {r['name']} | {'x'.join(map(str, r['shape']))} | {r['axis']} | {r['s']} | {r['k']} | "
+                f"{r['factor']:.2f}x | {r['rel_error']:.4f} |"
+            )
+    print("\n".join(rows))
+    print(
+        f"\nrear layers (coarse + fine components): {result['rear_bytes_before']:,} -> "
+        f"{result['rear_bytes_after']:,} bytes ({result['rear_factor']:.2f}x smaller)"
+    )
 
 
 def run_compress(args: argparse.Namespace) -> int:
     from coarse2fine.engine import evaluate, save_checkpoint
     from coarse2fine.engine.evaluate import resolve_device
     from coarse2fine.hdcnn.compression import auto_spec, compress_model, compression_of, parse_layer_spec
+    from coarse2fine.hdcnn.evaluation import compress_hdcnn
+    from coarse2fine.hdcnn.model import HDCNN
 
     model, cfg, classes, ckpt = load_model(args.checkpoint, args.overrides)
     if compression_of(ckpt):
@@ -268,14 +313,17 @@ def run_compress(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_pq.pt")
     if out.resolve() == Path(args.checkpoint).resolve():
         raise CheckpointError(f"--out {str(out)!r} would overwrite the input checkpoint")
-    if args.auto:
-        rule: dict[str, Any] = {"axis": args.axis}
-        for kind in ("linear", "conv"):
-            if getattr(args, kind):
-                rule[kind] = parse_layer_spec([f"{kind}={getattr(args, kind)}"])[kind][:2]
-        spec: Any = auto_spec(model, **rule)
+    hdcnn = isinstance(model, HDCNN)
+    rule: dict[str, Any] = {"axis": args.axis}
+    for kind in ("linear", "conv"):
+        if getattr(args, kind):
+            rule[kind] = parse_layer_spec([f"{kind}={getattr(args, kind)}"])[kind][:2]
+    if args.rear and not hdcnn:
+        raise ModelError(f"--rear needs an HD-CNN checkpoint; {args.checkpoint!r} holds a {type(model).__name__}")
+    if hdcnn:
+        spec: Any = ("rear" if args.rear else "auto") if args.auto else _hdcnn_layers(parse_layer_spec(args.layers))
     else:
-        spec = parse_layer_spec(args.layers)
+        spec = auto_spec(model, **rule) if args.auto else parse_layer_spec(args.layers)
     device = resolve_device(cfg.train.device)
     model.to(device)
     results: dict[str, Any] = {}
@@ -295,14 +343,19 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.eval:
         _, loaders = _data(cfg, classes, args.checkpoint)
         test_accuracy("before")
-    report = compress_model(model, spec, seed=args.seed, backend=args.backend, device=device)
+    if hdcnn:
+        report: Any = compress_hdcnn(model, spec, seed=args.seed, **(rule if args.auto else {}))
+        before, after = report["bytes_before"], report["bytes_after"]
+    else:
+        report = compress_model(model, spec, seed=args.seed, backend=args.backend, device=device)
+        before, after = report.model_bytes_before, report.model_bytes_after
     if args.eval:
         test_accuracy("after")
-    print(report.table())
-    print(
-        f"\nmodel: {report.model_bytes_before:,} -> {report.model_bytes_after:,} bytes "
-        f"({report.model_factor:.2f}x smaller)"
-    )
+    if hdcnn:
+        _print_hdcnn_compression(report)
+    else:
+        print(report.table())
+    print(f"\nmodel: {before:,} -> {after:,} bytes ({before / max(after, 1):.2f}x smaller)")
     if results:
         b, a = results["before"], results["after"]
         print(

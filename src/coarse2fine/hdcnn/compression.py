@@ -220,6 +220,20 @@ def reconstruct(codes: Tensor, centers: Tensor, n: int | None = None) -> Tensor:
     return w if n is None else w[:, :n]
 
 
+def dequantise(codes: Tensor, centers: Tensor, dims: int, axis: str = "rows") -> Tensor:
+    """The weight matrix of codes / centres: :func:`reconstruct` to ``dims`` columns, transposed back
+    for ``axis="columns"`` (``(m, n)`` either way)."""
+    w = reconstruct(codes, centers, dims)
+    return w.t().contiguous() if axis == "columns" else w
+
+
+def pq_buffers(m: int, n: int, s: int, k: int, axis: str) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """Shapes of the uint8 codes and fp32 centres of an ``(m, n)`` weight quantised with ``(s, k, axis)``."""
+    points, dims = oriented(m, n, axis)
+    segs = math.ceil(dims / s)
+    return (points, segs), (segs, k, s)
+
+
 def relative_error(W: Tensor, W_hat: Tensor) -> float:
     """``||W - W_hat||_F / ||W||_F``."""
     W = W.detach().float().reshape(W.shape[0], -1)
@@ -239,11 +253,10 @@ class _PQMixin(nn.Module):
 
     def _init_pq(self, m: int, n: int, s: int, k: int, axis: str = "rows") -> None:
         """Buffers for a ``(m, n)`` weight; ``axis="columns"`` stores the codes of ``W^T``."""
-        points, dims = oriented(m, n, axis)
-        segs = math.ceil(dims / s)
-        self.s, self.k, self.n, self.axis = s, k, dims, axis
-        self.register_buffer("codes", torch.zeros(points, segs, dtype=torch.uint8))
-        self.register_buffer("centers", torch.zeros(segs, k, s, dtype=torch.float32))
+        codes, centers = pq_buffers(m, n, s, k, axis)
+        self.s, self.k, self.n, self.axis = s, k, oriented(m, n, axis)[1], axis
+        self.register_buffer("codes", torch.zeros(codes, dtype=torch.uint8))
+        self.register_buffer("centers", torch.zeros(centers, dtype=torch.float32))
         self._cached: Tensor | None = None
 
     def set_quantized(self, codes: Tensor, centers: Tensor) -> None:
@@ -262,9 +275,7 @@ class _PQMixin(nn.Module):
         # an inference-mode tensor cannot take part in autograd: rebuilt outside inference mode
         if c is not None and not self.training and (torch.is_inference_mode_enabled() or not c.is_inference()):
             return c
-        w = reconstruct(self.codes, self.centers, self.n)
-        if self.axis == "columns":
-            w = w.t().contiguous()
+        w = dequantise(self.codes, self.centers, self.n, self.axis)
         if not self.training:
             self._cached = w
         return w
@@ -422,6 +433,25 @@ def model_bytes(model: nn.Module) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the ``state_dict`` tensors: what a checkpoint stores (quantised weights as codes + centres)."""
+    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor)))
+
+
+def _owner_of(model: nn.Module, name: str) -> tuple[Any, str] | None:
+    """The submodule that quantises tensor ``name`` itself (``apply_pq_structure``, e.g. HD-CNN's stacked
+    fine components) and the tensor's name inside it, or None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            owner = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            continue
+        if hasattr(owner, "apply_pq_structure"):
+            return owner, ".".join(parts[i:])
+    return None
+
+
 def _layer_dims(module: nn.Module) -> tuple[int, int]:
     w = module.weight
     return int(w.shape[0]), int(w[0].numel())
@@ -569,6 +599,8 @@ def apply_compression_structure(model: nn.Module, report_or_spec: CompressionRep
     same geometry, so that a compressed ``state_dict`` (uint8 codes) loads into it.
 
     Accepts a :class:`CompressionReport`, its :meth:`~CompressionReport.spec`, or its ``to_dict()``.
+    A tensor owned by a submodule with ``apply_pq_structure`` (HD-CNN's stacked fine components,
+    ``fine.<layer>.weight``) gets its code and centre buffers from that submodule.
     """
     if isinstance(report_or_spec, CompressionReport):
         spec: Mapping[str, Any] = report_or_spec.spec()
@@ -576,7 +608,14 @@ def apply_compression_structure(model: nn.Module, report_or_spec: CompressionRep
         spec = {r["name"]: (r["s"], r["k"], r.get("axis", "rows")) for r in report_or_spec["layers"]}
     else:
         spec = report_or_spec
-    layers = _resolve_spec(model, spec)
+    spec = dict(spec)
+    for name in list(spec):
+        owned = _owner_of(model, name)
+        if owned is not None and name not in dict(model.named_modules()):
+            owner, inner = owned
+            sk = spec.pop(name)
+            owner.apply_pq_structure(inner, int(sk[0]), int(sk[1]), str(sk[2]) if len(sk) == 3 else "rows")
+    layers = _resolve_spec(model, spec) if spec else {}
     modules = dict(model.named_modules())
     for name, (s, k, axis) in layers.items():
         mod = modules[name]

@@ -161,14 +161,16 @@ def compress_hdcnn(
     ``"rear"`` (the same for the coarse and fine components only: the shared layers stay fp32),
     ``"fc"`` (the auto rule, fully connected layers only) or
     ``{"shared": {...}, "coarse": {...}, "fine": {...}}`` with the layer specs
-    ``{layer name: (s, k)}`` of each part (names inside that part; ``fine`` applies to every F_k).
-    Shared layers and the coarse component get PQ layers. The fine components are stacked tensors,
-    not modules: each F_k is compressed as a standalone copy and its reconstructed (quantised)
-    weights are copied back into the stack, so accuracy is that of the compressed model; their
-    bytes are counted as uint8 codes + fp32 centres per component. ``rear_*``: the coarse and fine
-    components together (the layers after the branch point).
+    ``{layer name: (s, k[, axis])}`` of each part (names inside that part; ``fine`` applies to every F_k).
+    Shared layers and the coarse component get PQ layers. The fine components are stacked tensors:
+    each F_k is quantised as a standalone copy, and the K codes / centres of a weight are stored in
+    the stack (``FineComponents.set_quantized``), which saves them instead of the fp32 weight.
+    Bytes are those of the ``state_dict`` (what a checkpoint stores); ``rear_*``: the coarse and fine
+    components together (the layers after the branch point). ``spec`` in the result names every
+    quantised tensor of the whole model (``shared.*``, ``coarse.*``, ``fine.<layer>.weight``) for
+    :func:`~coarse2fine.hdcnn.compression.apply_compression_structure`.
     """
-    from coarse2fine.hdcnn.compression import auto_spec, compress_model, model_bytes
+    from coarse2fine.hdcnn.compression import auto_spec, compress_model, state_bytes
 
     if isinstance(spec, str) and spec not in ("auto", "rear", "fc"):
         raise ModelError(f"HD-CNN compression spec {spec!r}: expected 'auto', 'rear', 'fc' or a mapping per part")
@@ -184,30 +186,37 @@ def compress_hdcnn(
             layers = dict(spec.get(name, {}))
         return compress_model(module, layers, seed=part_seed) if layers else None
 
-    before = model_bytes(model)
-    fine_before = model_bytes(model.fine)
-    rear_before = fine_before + model_bytes(model.coarse)
+    before = state_bytes(model)
+    rear_before = state_bytes(model.coarse) + state_bytes(model.fine)
     reports = {
         "shared_layers": part(model.shared, "shared", seed),
         "coarse_component": part(model.coarse, "coarse", seed),
     }
-    fine_after = 0
+    full_spec: dict[str, list[Any]] = {}
+    for prefix, rep in (("shared", reports["shared_layers"]), ("coarse", reports["coarse_component"])):
+        if rep is not None:
+            full_spec.update({f"{prefix}.{n}": sk for n, sk in rep.spec().items()})
     fine_layers = []
+    codes: dict[str, list[Tensor]] = {}
+    centers: dict[str, list[Tensor]] = {}
     for k in range(model.num_coarse):
         comp = model.fine.component(k)
         rep = part(comp, "fine", seed + 1 + k)
-        fine_after += model_bytes(comp)
         if rep is None:
             continue
         fine_layers.append(rep.to_dict())
-        state = {n: v for n, v in comp.state_dict().items() if not n.endswith((".codes", ".centers"))}
-        state.update({f"{n}.weight": m.weight.detach() for n, m in comp.named_modules() if hasattr(m, "codes")})
-        with torch.no_grad():
-            params, buffers = model.fine.stacked()
-            for name, target in {**params, **buffers}.items():
-                target[k].copy_(state[name].reshape(target[k].shape))
-    after = model_bytes(model) - fine_before + fine_after
-    rear_after = fine_after + model_bytes(model.coarse)
+        for n, m in comp.named_modules():
+            if hasattr(m, "codes"):
+                codes.setdefault(n, []).append(m.codes)
+                centers.setdefault(n, []).append(m.centers)
+    if fine_layers:
+        for n, sk in rep.spec().items():
+            s, k_eff = int(sk[0]), int(sk[1])
+            axis = str(sk[2]) if len(sk) == 3 else "rows"
+            model.fine.set_quantized(f"{n}.weight", s, k_eff, axis, torch.stack(codes[n]), torch.stack(centers[n]))
+            full_spec[f"fine.{n}.weight"] = [s, k_eff, axis]
+    after = state_bytes(model)
+    rear_after = state_bytes(model.coarse) + state_bytes(model.fine)
     return {
         "bytes_before": before,
         "bytes_after": after,
@@ -217,5 +226,5 @@ def compress_hdcnn(
         "rear_factor": rear_before / max(rear_after, 1),
         **{key: (rep.to_dict() if rep is not None else None) for key, rep in reports.items()},
         "fine_components": fine_layers,
-        "fine_components_bytes": [fine_before, fine_after],
+        "spec": full_spec,
     }

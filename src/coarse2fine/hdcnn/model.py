@@ -115,6 +115,12 @@ class FineComponents(nn.Module):
         self.exec_mode = exec_mode
         self._vmap_ok: bool | None = None
         self.set_exec(exec_mode)
+        # product-quantised stacked weights (SPEC 2.4): name -> (s, k, axis). Their codes / centres are
+        # buffers and replace the fp32 tensor in ``state_dict``; the fp32 tensor keeps the dequantised
+        # values for computing and is rebuilt from the codes on ``load_state_dict``.
+        self._pq: dict[str, tuple[int, int, str]] = {}
+        self._register_state_dict_hook(_drop_quantised)
+        self._register_load_state_dict_pre_hook(self._dequantise_on_load)
 
     def set_exec(self, exec_mode: str) -> None:
         """``auto`` (vmap on GPU, loop on CPU; a loop if vmap fails), ``vmap`` or ``loop`` for all components."""
@@ -186,6 +192,59 @@ class FineComponents(nn.Module):
         module.train(self.training)
         return module
 
+    # ---- product quantisation of the stacked weights ----
+
+    def _matrix_dims(self, name: str) -> tuple[int, int]:
+        shape = self.template.get_parameter(name).shape
+        return int(shape[0]), int(torch.Size(shape[1:]).numel())
+
+    def apply_pq_structure(self, name: str, s: int, k: int, axis: str = "rows") -> None:
+        """Empty code / centre buffers (K of each) for the stacked weight ``name``, so that a compressed
+        ``state_dict`` loads (:func:`~coarse2fine.hdcnn.compression.apply_compression_structure`)."""
+        from coarse2fine.hdcnn.compression import pq_buffers
+
+        if name not in self._param_names or self.template.get_parameter(name).dim() < 2:
+            weights = [n for n in self._param_names if self.template.get_parameter(n).dim() >= 2]
+            raise ModelError(f"fine components: no weight named {name!r} to quantise; weights: {', '.join(weights)}")
+        codes, centers = pq_buffers(*self._matrix_dims(name), s, k, axis)
+        device = getattr(self, _mangle(name)).device
+        K = self.num_components
+        self.register_buffer(f"{_mangle(name)}__codes", torch.zeros(K, *codes, dtype=torch.uint8, device=device))
+        self.register_buffer(f"{_mangle(name)}__centers", torch.zeros(K, *centers, device=device))
+        self._pq[name] = (s, k, axis)
+
+    @torch.no_grad()
+    def set_quantized(self, name: str, s: int, k: int, axis: str, codes: Tensor, centers: Tensor) -> None:
+        """Store the K components' codes ``(K, ...)`` and centres of weight ``name`` and put the
+        dequantised values into the stacked weight."""
+        self.apply_pq_structure(name, s, k, axis)
+        getattr(self, f"{_mangle(name)}__codes").copy_(codes)
+        getattr(self, f"{_mangle(name)}__centers").copy_(centers)
+        getattr(self, _mangle(name)).copy_(self._fold(name, self._dequantised(name)))
+
+    def _dequantised(self, name: str, codes: Tensor | None = None, centers: Tensor | None = None) -> Tensor:
+        from coarse2fine.hdcnn.compression import dequantise, oriented
+
+        axis = self._pq[name][2]
+        codes = getattr(self, f"{_mangle(name)}__codes") if codes is None else codes
+        centers = getattr(self, f"{_mangle(name)}__centers") if centers is None else centers
+        m, n = self._matrix_dims(name)
+        dims = oriented(m, n, axis)[1]
+        shape = self.template.get_parameter(name).shape
+        return torch.stack([dequantise(codes[i], centers[i], dims, axis).reshape(shape) for i in range(len(codes))])
+
+    def quantised(self) -> dict[str, tuple[int, int, str]]:
+        """``{stacked weight name: (s, k, axis)}`` of the product-quantised weights."""
+        return dict(self._pq)
+
+    def _dequantise_on_load(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in self._pq:
+            key = prefix + _mangle(name)
+            codes, centers = f"{key}__codes", f"{key}__centers"
+            if key not in state_dict and codes in state_dict and centers in state_dict:
+                value = self._dequantised(name, state_dict[codes], state_dict[centers].float())
+                state_dict[key] = self._fold(name, value).to(getattr(self, _mangle(name)).dtype)
+
     @torch.no_grad()
     def load_component(self, k: int, module: nn.Module) -> None:
         """Copy the parameters and buffers of ``module`` (same structure) into slot ``k``."""
@@ -195,6 +254,12 @@ class FineComponents(nn.Module):
             if name not in state:
                 raise ModelError(f"fine component {k}: missing tensor {name!r} in the module to load")
             target[k].copy_(state[name])
+
+
+def _drop_quantised(module: FineComponents, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` hook: a quantised weight is saved as its codes and centres only."""
+    for name in module._pq:
+        state.pop(prefix + _mangle(name), None)
 
 
 # ---- HD-CNN -------------------------------------------------------------------------------------
