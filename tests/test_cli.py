@@ -56,7 +56,7 @@ def _train_args(root: Path, out: Path, name: str, *extra: str) -> list[str]:
         "--set",
         "schedule.name=constant",
         "--set",
-        "optim.lr=0.02",
+        "optim.lr=0.05",
         "--set",
         "train.deterministic=true",
         *extra,

@@ -196,7 +196,12 @@ def native_loader(cfg: RunConfig, dataset: Any) -> Any:
 
 
 def build_backbone(cfg: RunConfig, num_classes: int, in_chans: int, *, load_files: bool = True) -> nn.Module:
-    """The factory model of ``cfg.model``, with its local weights (``pretrained_file``) when asked."""
+    """The factory model of ``cfg.model``, with its local weights (``pretrained_file``) when asked.
+
+    The initial weights come from ``cfg.seed`` (torch's global generator is seeded first: a fresh
+    process starts it from a random seed, so the same recipe would otherwise start differently).
+    """
+    torch.manual_seed(cfg.seed)
     m = cfg.model
     kwargs = dict(m.kwargs)
     if m.init is not None:
