@@ -186,6 +186,10 @@ def test_c2f_compress_hdcnn_stores_fine_codes_and_loads_back(
     after = ckpt["compression_eval"]["after"]["top1"]
     again = main(["eval", "--checkpoint", str(out), "--out", str(tmp_path / "ev")])
     assert again == 0 and f"{100 * after:.2f}" in capsys.readouterr().out
+    sweep = tmp_path / "sweep.json"  # conditional execution on the compressed model
+    assert main(["hdcnn", "eval", "--checkpoint", str(out), "--beta", "1.5", "--out", str(sweep), "--no-progress"]) == 0
+    rows = json.loads(sweep.read_text())["beta_sweep"]
+    assert rows[0]["top1"] == pytest.approx(after) and rows[1]["components_run"] <= 3.0
     # a layer name without its part is a clear error
     assert main(["compress", "--checkpoint", str(src), "--layers", "body.0=2:4"]) == 2
     assert "shared., coarse. or fine." in capsys.readouterr().err

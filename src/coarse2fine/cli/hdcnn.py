@@ -132,6 +132,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from coarse2fine.build import build_datasets, build_loaders
     from coarse2fine.config import apply_overrides, config_from_dict
     from coarse2fine.engine.checkpoint import check_compatible, load_checkpoint
+    from coarse2fine.hdcnn.compression import apply_compression_structure, compression_of
     from coarse2fine.hdcnn.pipeline import build_hdcnn_model, evaluate_hdcnn, reference_taxonomy
     from coarse2fine.hierarchy import Hierarchy
 
@@ -142,6 +143,9 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), args.overrides))
     classes = list(ckpt["classes"])
     model = build_hdcnn_model(cfg, classes, ckpt["metadata"])
+    spec = compression_of(ckpt)
+    if spec:  # written by c2f compress: rebuild the quantised layers / fine-component codes first
+        apply_compression_structure(model, spec)
     check_compatible(ckpt, classes, model, args.checkpoint)
     model.load_state_dict(ckpt["model"])
     h = Hierarchy.from_dict(ckpt["metadata"]["hierarchy"], source=args.checkpoint)
