@@ -344,7 +344,7 @@ def run_compress(args: argparse.Namespace) -> int:
         _, loaders = _data(cfg, classes, args.checkpoint)
         test_accuracy("before")
     if hdcnn:
-        report: Any = compress_hdcnn(model, spec, seed=args.seed, **(rule if args.auto else {}))
+        report: Any = compress_hdcnn(model, spec, seed=args.seed, backend=args.backend, **(rule if args.auto else {}))
         before, after = report["bytes_before"], report["bytes_after"]
     else:
         report = compress_model(model, spec, seed=args.seed, backend=args.backend, device=device)

@@ -152,7 +152,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: str | Path, *, title: st
 
 
 def compress_hdcnn(
-    model: nn.Module, spec: str | dict[str, Any] = "auto", *, seed: int = 0, **auto: Any
+    model: nn.Module, spec: str | dict[str, Any] = "auto", *, seed: int = 0, backend: str = "sklearn", **auto: Any
 ) -> dict[str, Any]:
     """Product-quantise an HD-CNN in place (SPEC 2.4) and return the storage accounting.
 
@@ -168,7 +168,8 @@ def compress_hdcnn(
     Bytes are those of the ``state_dict`` (what a checkpoint stores); ``rear_*``: the coarse and fine
     components together (the layers after the branch point). ``spec`` in the result names every
     quantised tensor of the whole model (``shared.*``, ``coarse.*``, ``fine.<layer>.weight``) for
-    :func:`~coarse2fine.hdcnn.compression.apply_compression_structure`.
+    :func:`~coarse2fine.hdcnn.compression.apply_compression_structure`. ``backend``: the k-means
+    implementation (``compression.product_quantize``).
     """
     from coarse2fine.hdcnn.compression import auto_spec, compress_model, state_bytes
 
@@ -184,7 +185,7 @@ def compress_hdcnn(
                 layers = {n: sk for n, sk in layers.items() if isinstance(module.get_submodule(n), nn.Linear)}
         else:
             layers = dict(spec.get(name, {}))
-        return compress_model(module, layers, seed=part_seed) if layers else None
+        return compress_model(module, layers, seed=part_seed, backend=backend) if layers else None
 
     before = state_bytes(model)
     rear_before = state_bytes(model.coarse) + state_bytes(model.fine)
