@@ -500,6 +500,18 @@ def auto_spec(
     return spec
 
 
+def _parse_sk(name: str, sk: Any) -> tuple[int, int, str]:
+    """``(s, k)`` or ``(s, k, axis)`` of layer ``name`` -> ``(s, k, axis)`` (axis ``rows`` by default)."""
+    try:
+        if isinstance(sk, str) or len(sk) not in (2, 3):
+            raise ValueError
+        s, k = int(sk[0]), int(sk[1])
+        axis = str(sk[2]) if len(sk) == 3 else "rows"
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"compression: layer {name!r} needs (s, k) or (s, k, axis), got {sk!r}") from exc
+    return s, k, _check_axis(axis, name)
+
+
 def _resolve_spec(model: nn.Module, spec: Spec | str | None) -> dict[str, tuple[int, int, str]]:
     if spec is None or spec == "auto":
         spec = auto_spec(model)
@@ -514,14 +526,7 @@ def _resolve_spec(model: nn.Module, spec: Spec | str | None) -> dict[str, tuple[
         mod = modules[name]
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             raise ModelError(f"compression: layer {name!r} is a {type(mod).__name__}, not Linear or Conv2d")
-        try:
-            if isinstance(sk, str) or len(sk) not in (2, 3):
-                raise ValueError
-            s, k = int(sk[0]), int(sk[1])
-            axis = str(sk[2]) if len(sk) == 3 else "rows"
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"compression: layer {name!r} needs (s, k) or (s, k, axis), got {sk!r}") from exc
-        _check_axis(axis, name)
+        s, k, axis = _parse_sk(name, sk)
         out[name] = (s, _check_sk(oriented(*_layer_dims(mod), axis)[0], s, k, name), axis)
     return out
 
@@ -609,14 +614,13 @@ def apply_compression_structure(model: nn.Module, report_or_spec: CompressionRep
     else:
         spec = report_or_spec
     spec = dict(spec)
-    for name in list(spec):
-        owned = _owner_of(model, name)
-        if owned is not None and name not in dict(model.named_modules()):
-            owner, inner = owned
-            sk = spec.pop(name)
-            owner.apply_pq_structure(inner, int(sk[0]), int(sk[1]), str(sk[2]) if len(sk) == 3 else "rows")
-    layers = _resolve_spec(model, spec) if spec else {}
     modules = dict(model.named_modules())
+    for name in [n for n in spec if n not in modules]:
+        owned = _owner_of(model, name)
+        if owned is not None:
+            owner, inner = owned
+            owner.apply_pq_structure(inner, *_parse_sk(name, spec.pop(name)))
+    layers = _resolve_spec(model, spec) if spec else {}
     for name, (s, k, axis) in layers.items():
         mod = modules[name]
         new = _empty_pq(mod, s, k, axis)

@@ -198,8 +198,7 @@ def compress_hdcnn(
         if rep is not None:
             full_spec.update({f"{prefix}.{n}": sk for n, sk in rep.spec().items()})
     fine_layers = []
-    codes: dict[str, list[Tensor]] = {}
-    centers: dict[str, list[Tensor]] = {}
+    quantised: dict[str, list[nn.Module]] = {}  # layer -> its PQ layer in each of the K components
     for k in range(model.num_coarse):
         comp = model.fine.component(k)
         rep = part(comp, "fine", seed + 1 + k)
@@ -208,14 +207,13 @@ def compress_hdcnn(
         fine_layers.append(rep.to_dict())
         for n, m in comp.named_modules():
             if hasattr(m, "codes"):
-                codes.setdefault(n, []).append(m.codes)
-                centers.setdefault(n, []).append(m.centers)
-    if fine_layers:
-        for n, sk in rep.spec().items():
-            s, k_eff = int(sk[0]), int(sk[1])
-            axis = str(sk[2]) if len(sk) == 3 else "rows"
-            model.fine.set_quantized(f"{n}.weight", s, k_eff, axis, torch.stack(codes[n]), torch.stack(centers[n]))
-            full_spec[f"fine.{n}.weight"] = [s, k_eff, axis]
+                quantised.setdefault(n, []).append(m)
+    for n, layers in quantised.items():
+        s, k_eff, axis = layers[0].s, layers[0].k, layers[0].axis
+        codes = torch.stack([m.codes for m in layers])
+        centers = torch.stack([m.centers for m in layers])
+        model.fine.set_quantized(f"{n}.weight", s, k_eff, axis, codes, centers)
+        full_spec[f"fine.{n}.weight"] = [s, k_eff, axis]
     after = state_bytes(model)
     rear_after = state_bytes(model.coarse) + state_bytes(model.fine)
     return {
