@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,6 +42,7 @@ from coarse2fine.hdcnn.pipeline import (
     stage_block,
     stage_finetune,
 )
+from coarse2fine.hierarchy import COARSE_TARGET_RULES, coarse_targets
 
 SHORT = [
     "data.limit_train=3000",
@@ -276,33 +278,43 @@ def main() -> None:
     block2, _ = stage_block(
         cfg2, bundle, loaders, StagePaths(paths.run_dir / "second_block"), resume=True, progress=True
     )
+    lam = cfg.hdcnn.consistency_weight
+    counts = np.bincount(np.asarray(bundle.train.targets), minlength=len(classes))
+    other_rule = next(r for r in COARSE_TARGET_RULES if r != cfg.hdcnn.coarse_targets)
+    finetunings = {  # row key -> (lambda, t_k, stage folder)
+        "lambda=0": (0.0, t, "lambda_0"),
+        f"lambda={lam:g}": (lam, t, f"lambda_{lam:g}"),
+        f"lambda={lam:g}, t_k: {other_rule}": (
+            lam,
+            coarse_targets(h.partial_sets, counts, other_rule),
+            f"lambda_{lam:g}_{other_rule}",
+        ),
+    }
     tuned = {}
-    for lam in (0.0, cfg.hdcnn.consistency_weight):
+    for key, (weight, targets, folder) in finetunings.items():
         model = copy.deepcopy(initial)
-        lcfg = dataclasses.replace(cfg, hdcnn=dataclasses.replace(cfg.hdcnn, consistency_weight=lam))
+        lcfg = dataclasses.replace(cfg, hdcnn=dataclasses.replace(cfg.hdcnn, consistency_weight=weight))
         stage_finetune(
             lcfg,
             model,
             bundle,
             loaders,
-            StagePaths(paths.run_dir / f"lambda_{lam:g}"),
+            StagePaths(paths.run_dir / folder),
             metadata,
-            t,
+            targets,
             resume=True,
             progress=True,
         )
-        tuned[lam] = model
+        tuned[key] = model
     train_seconds = time.perf_counter() - t0
 
     test = loaders.test
-    lam = cfg.hdcnn.consistency_weight
-    best = tuned[lam]
+    best = tuned[f"lambda={lam:g}"]
     rows = [
         _row("building block", block.to(device), test, device),
         _row("average of two building blocks", SoftmaxAverage(block, block2).to(device), test, device),
         _row("HD-CNN, no fine-tuning", initial.to(device), test, device),
-        _row("HD-CNN, fine-tuned, lambda=0", tuned[0.0].to(device), test, device),
-        _row(f"HD-CNN, fine-tuned, lambda={lam:g}", best.to(device), test, device),
+        *(_row(f"HD-CNN, fine-tuned, {key}", model.to(device), test, device) for key, model in tuned.items()),
     ]
     betas = [float(b) for b in args.betas.split(",") if b]
     for beta in betas:

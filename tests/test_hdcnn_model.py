@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from coarse2fine.errors import HierarchyError, ModelError
 from coarse2fine.hdcnn.model import HDCNN, FineComponentNet, find_classifier, split_block
+from coarse2fine.hierarchy import coarse_targets
 from test_hdcnn_helpers import TinyBlock
 
 SETS = [[0, 1, 2], [2, 3], [3, 4, 5]]
@@ -46,6 +47,19 @@ def test_aggregation_and_averaging_sum_to_one_and_zero_outside_partial_sets() ->
         expected += out["coarse_probs"][:, k : k + 1] * full
     assert torch.allclose(out["probs"], expected, atol=1e-5)
     assert out["components_run"].tolist() == [3] * 5
+
+
+@pytest.mark.parametrize("rule", ["paper", "aggregation"])
+def test_coarse_targets_against_an_exact_coarse_component(rule: str) -> None:
+    """With a coarse component that is always right, the mean B_ik equals the ``aggregation`` targets;
+    the paper's t_k differs when partial sets overlap (SETS share classes 2 and 3)."""
+    model = make()
+    counts = torch.tensor([3, 5, 2, 7, 4, 6])
+    labels = torch.repeat_interleave(torch.arange(6), counts)
+    agg = F.one_hot(labels, 6).float() @ model.membership  # the model's fine-to-coarse aggregation
+    mean_b = (agg / agg.sum(1, keepdim=True)).mean(0)
+    t = torch.as_tensor(coarse_targets(SETS, counts.numpy(), rule), dtype=torch.float32)
+    assert torch.allclose(mean_b, t, atol=1e-6) == (rule == "aggregation")
 
 
 def test_vmap_equals_loop_forward_and_gradients() -> None:

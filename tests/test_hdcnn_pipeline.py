@@ -239,6 +239,8 @@ def test_bad_configs(tmp_path: Path, tiny_block: None) -> None:
         pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.num_coarse=11"), progress=False)
     with pytest.raises(ConfigError, match="beta"):
         pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.beta=-1"), progress=False)
+    with pytest.raises(ConfigError, match=r"hdcnn\.coarse_targets.*'mean'"):
+        pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.coarse_targets=mean"), progress=False)
     with pytest.raises(ModelError, match="stage1"):
         pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.branch_stage=stage7", "hdcnn.block_epochs=1"), progress=False)
 

@@ -229,6 +229,18 @@ def test_coarse_targets_by_hand() -> None:
         coarse_targets([[0, 5]], [1, 2])
 
 
+def test_coarse_targets_aggregation_rule() -> None:
+    # class 1 is in both partial sets, so it counts half in each: (10 + 20/2) / 60, (20/2 + 30) / 60
+    t = coarse_targets([[0, 1], [1, 2]], [10, 20, 30], rule="aggregation")
+    np.testing.assert_allclose(t, [20 / 60, 40 / 60])
+    disjoint = [[0, 2], [1], [3]]
+    np.testing.assert_allclose(
+        coarse_targets(disjoint, [5, 7, 9, 11], rule="aggregation"), coarse_targets(disjoint, [5, 7, 9, 11])
+    )
+    with pytest.raises(HierarchyError, match="'exact'"):
+        coarse_targets(disjoint, [5, 7, 9, 11], rule="exact")
+
+
 # ---- the Hierarchy object --------------------------------------------------------------------
 
 

@@ -109,6 +109,7 @@ class HDCNNConfig:
     gamma: float = 5.0  # u_t = 1 / (gamma K)
     max_partial_size: int | None = None  # cap |S_k| (released code: 80 of 100)
     consistency_weight: float = 20.0  # lambda (paper 20, released code 5)
+    coarse_targets: str = "paper"  # t_k: paper (SPEC 2.3) | aggregation (mean B_ik of an exact coarse component)
     beta: float | None = None  # conditional execution threshold 1/(beta K); None: run all
     block_checkpoint: str | None = None  # reuse a trained building block
     block_epochs: int | None = None  # None: train.epochs

@@ -45,6 +45,7 @@ from coarse2fine.hdcnn.evaluation import inference_pass, peak_memory_bytes, plot
 from coarse2fine.hdcnn.model import HDCNN, split_block
 from coarse2fine.hdcnn.objective import HDCNNObjective
 from coarse2fine.hierarchy import (
+    COARSE_TARGET_RULES,
     Hierarchy,
     coarse_targets,
     compare_to_reference,
@@ -587,6 +588,8 @@ def _check_cfg(cfg: RunConfig) -> None:
             raise ConfigError(f"hdcnn.{key} must be >= 0, got {getattr(hc, key)}")
     if hc.beta is not None and hc.beta <= 0:
         raise ConfigError(f"hdcnn.beta must be > 0, got {hc.beta}")
+    if hc.coarse_targets not in COARSE_TARGET_RULES:
+        raise ConfigError(f"hdcnn.coarse_targets must be one of {COARSE_TARGET_RULES}, got {hc.coarse_targets!r}")
     if any(b <= 0 for b in hc.beta_sweep):
         raise ConfigError(f"hdcnn.beta_sweep values must be > 0, got {hc.beta_sweep}")
 
@@ -610,7 +613,7 @@ def pretrain_stages(
     classes = list(bundle.classes)
     block, block_source = stage_block(cfg, bundle, loaders, paths, resume=resume, progress=progress)
     h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=resume, progress=progress)
-    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)))
+    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)), cfg.hdcnn.coarse_targets)
     metadata = hdcnn_metadata(cfg, h, _in_chans(bundle), t, bundle.metadata())
     torch.manual_seed(cfg.seed)
     model = HDCNN(
@@ -645,7 +648,12 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
 
     pre = pretrain_stages(cfg, bundle, loaders, paths, resume=resume, progress=progress)
     block, block_source, h, t, metadata, model = (
-        pre.block, pre.block_source, pre.hierarchy, pre.coarse_targets, pre.metadata, pre.model
+        pre.block,
+        pre.block_source,
+        pre.hierarchy,
+        pre.coarse_targets,
+        pre.metadata,
+        pre.model,
     )
     if not (resume and paths.init.is_file()):
         save_checkpoint(_final_checkpoint(model, cfg, classes, metadata), paths.init)

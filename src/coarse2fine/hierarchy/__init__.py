@@ -4,6 +4,7 @@ from typing import Any
 
 from coarse2fine.hierarchy.compare import compare_to_reference, mistake_severity, reference_coarse_of
 from coarse2fine.hierarchy.learn import (
+    COARSE_TARGET_RULES,
     cluster_classes,
     coarse_targets,
     confusion_matrix,
@@ -16,6 +17,7 @@ from coarse2fine.hierarchy.learn import (
 from coarse2fine.hierarchy.structure import Hierarchy, default_coarse_names, load_reference
 
 __all__ = [
+    "COARSE_TARGET_RULES",
     "Hierarchy",
     "cluster_classes",
     "coarse_targets",

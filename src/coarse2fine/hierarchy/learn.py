@@ -214,9 +214,7 @@ def cluster_classes(
         dims = max(dims, 1)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not fully connected.*")
-            emb = SpectralEmbedding(
-                n_components=dims, affinity="precomputed", random_state=seed
-            ).fit_transform(w)
+            emb = SpectralEmbedding(n_components=dims, affinity="precomputed", random_state=seed).fit_transform(w)
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         ap = AffinityPropagation(
             damping=0.9, max_iter=2000, convergence_iter=50, preference=preference, random_state=seed
@@ -227,8 +225,7 @@ def cluster_classes(
                 labels = ap.fit_predict(emb)
             except ConvergenceWarning as exc:
                 raise HierarchyError(
-                    f"affinity propagation did not converge ({exc}); try method='spectral' or another"
-                    " preference"
+                    f"affinity propagation did not converge ({exc}); try method='spectral' or another preference"
                 ) from exc
         if (labels < 0).any():
             raise HierarchyError("affinity propagation did not converge; try method='spectral'")
@@ -264,9 +261,7 @@ def memberships(probs: ArrayLike, targets: ArrayLike, coarse_of: Sequence[int]) 
     return u
 
 
-def _partial_from_u(
-    u: np.ndarray, coarse_of: np.ndarray, u_t: float, max_size: int | None
-) -> list[list[int]]:
+def _partial_from_u(u: np.ndarray, coarse_of: np.ndarray, u_t: float, max_size: int | None) -> list[list[int]]:
     k = u.shape[0]
     if max_size is not None and max_size < 1:
         raise HierarchyError(f"max partial-set size must be >= 1, got {max_size}")
@@ -280,9 +275,7 @@ def _partial_from_u(
         if max_size is not None and idx.size > max_size:
             n_own = int(own.sum())
             if n_own > max_size:
-                log.warning(
-                    "coarse category %d: %d own classes exceed the cap %d; all kept", kk, n_own, max_size
-                )
+                log.warning("coarse category %d: %d own classes exceed the cap %d; all kept", kk, n_own, max_size)
             extra = np.flatnonzero(member & ~own)
             keep = max(max_size - n_own, 0)
             order = extra[np.argsort(-u[kk, extra], kind="stable")][:keep]
@@ -313,19 +306,36 @@ def partial_sets(
     return _partial_from_u(u, cof, 1.0 / (gamma * u.shape[0]), max_size)
 
 
-def coarse_targets(partial_sets: Sequence[Sequence[int]], class_counts: ArrayLike) -> np.ndarray:
-    """``t_k = sum_{j in S_k} |j| / sum_k' sum_{j in S_k'} |j|`` (SPEC 2.3), a (K,) array summing to 1."""
+COARSE_TARGET_RULES = ("paper", "aggregation")
+
+
+def coarse_targets(partial_sets: Sequence[Sequence[int]], class_counts: ArrayLike, rule: str = "paper") -> np.ndarray:
+    """The consistency term's targets t_k (SPEC 2.3), a (K,) array summing to 1.
+
+    ``paper``: ``t_k = sum_{j in S_k} n_j / sum_k' sum_{j in S_k'} n_j``.
+    ``aggregation``: ``t_k = 1/N sum_{j in S_k} n_j / m_j`` with m_j the number of partial sets
+    holding class j: the mean B_ik of a coarse component that is always right, under the
+    L1-normalised aggregation of SPEC 2.2. The two agree when the partial sets are disjoint; with
+    overlaps the paper's rule asks classes in few partial sets (e.g. a singleton) for less coarse
+    probability than they need.
+    """
+    if rule not in COARSE_TARGET_RULES:
+        raise HierarchyError(f"coarse target rule {rule!r} is not one of {COARSE_TARGET_RULES}")
     counts = np.asarray(class_counts, dtype=np.float64)
     if not partial_sets:
         raise HierarchyError("no partial sets given")
-    mass = np.empty(len(partial_sets))
+    member = np.zeros((counts.shape[0], len(partial_sets)))
     for k, s in enumerate(partial_sets):
         if len(s) == 0:
             raise HierarchyError(f"partial set {k} is empty")
         idx = np.asarray(s, dtype=np.int64)
         if idx.min() < 0 or idx.max() >= counts.shape[0]:
             raise HierarchyError(f"partial set {k} names a class outside 0..{counts.shape[0] - 1}")
-        mass[k] = counts[idx].sum()
+        member[idx, k] = 1.0
+    if rule == "aggregation":
+        share = member.sum(axis=1, keepdims=True)
+        member = np.divide(member, share, out=np.zeros_like(member), where=share > 0)
+    mass = counts @ member
     total = mass.sum()
     if total <= 0:
         raise HierarchyError("class counts of the partial sets sum to zero")
