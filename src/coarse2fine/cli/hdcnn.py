@@ -123,6 +123,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     report = run_pipeline(cfg, resume=not args.restart, progress=not args.no_progress)
+    if "rank" in report:  # another process of a torchrun launch: rank 0 evaluates and prints
+        return 0
     print_report(report)
     print(f"\nreport: {Path(cfg.run_dir) / 'hdcnn_report.json'}; checkpoint: {report['checkpoint']}")
     return 0

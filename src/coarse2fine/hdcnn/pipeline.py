@@ -14,6 +14,10 @@ Stages, each under ``runs/<name>/`` and skipped when its output exists (``resume
 
 An interrupted stage resumes from its ``checkpoints/last.pt``. Stage outputs are written atomically,
 so a crash never leaves a half-written one that a later run would skip to.
+
+Under ``torchrun`` stages 1, 3 and 4 train data-parallel (``data.batch_size`` is the global batch),
+every rank computes the same hierarchy from the gathered held-out softmax, rank 0 alone writes the
+stage files and evaluates stage 5 on the whole test split; the other ranks return ``{"rank": r}``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 
 from coarse2fine.config import RunConfig, to_dict
 from coarse2fine.data.base import DatasetView, subset
+from coarse2fine.engine import distributed as du
 from coarse2fine.engine.checkpoint import (
     atomic_write_json,
     check_compatible,
@@ -286,6 +291,13 @@ def _final_checkpoint(model: nn.Module, cfg: RunConfig, classes: Sequence[str], 
     }
 
 
+def _save_on_main(state: dict[str, Any], path: Path) -> None:
+    """Rank 0 writes ``path``; under torchrun every rank waits until it is there."""
+    if du.is_main_process():
+        save_checkpoint(state, path)
+    du.barrier()
+
+
 def _warn_if_other_split(cfg: RunConfig, saved: Any, source: str) -> None:
     """The hierarchy must come from images the block never trained on: same data, seed and split."""
     if not isinstance(saved, dict):
@@ -333,7 +345,7 @@ def stage_block(
         progress=progress,
         desc="block",
     )
-    save_checkpoint(_final_checkpoint(block, bcfg, classes, meta, epoch=ckpt.get("epoch")), paths.block)
+    _save_on_main(_final_checkpoint(block, bcfg, classes, meta, epoch=ckpt.get("epoch")), paths.block)
     return block, str(paths.block)
 
 
@@ -357,7 +369,7 @@ def stage_hierarchy(
             loaders.val,
             device=cfg.train.device,
             amp=cfg.train.amp,
-            progress=progress,
+            progress=progress and du.is_main_process(),
             desc="held-out probabilities",
         )
         h = learn_hierarchy(
@@ -370,15 +382,17 @@ def stage_hierarchy(
             max_partial_size=cfg.hdcnn.max_partial_size,
             seed=cfg.seed,
         )
-        from coarse2fine.hierarchy import plot_hierarchy
+        if du.is_main_process():  # every rank holds the same gathered probabilities, hence the same h
+            from coarse2fine.hierarchy import plot_hierarchy
 
-        plot_hierarchy(
-            h,
-            confusion_matrix(probs, targets, len(classes)),
-            paths.hierarchy_png,
-            title=f"{cfg.name}: learnt hierarchy (K={h.num_coarse})",
-        )
-        h.save(paths.hierarchy)
+            plot_hierarchy(
+                h,
+                confusion_matrix(probs, targets, len(classes)),
+                paths.hierarchy_png,
+                title=f"{cfg.name}: learnt hierarchy (K={h.num_coarse})",
+            )
+            h.save(paths.hierarchy)
+        du.barrier()
     if h.num_coarse > len(classes):
         raise HierarchyError(f"K={h.num_coarse} coarse categories exceeds the {len(classes)} classes")
     return h
@@ -407,7 +421,7 @@ def stage_fine_components(
             net.component.load_state_dict(ckpt["model"])
         elif cfg.hdcnn.fine_epochs > 0 and len(members) > 1:  # one class: p_k = 1, nothing to learn
             local = _local_bundle(bundle, members)
-            loaders = build_loaders(fcfg, local)
+            loaders = build_loaders(fcfg, local, rank=du.rank(), world_size=du.world_size())
             meta = {**metadata, "stage": "fine", "component": k, "partial_set": list(members)}
             _fit_stage(
                 fcfg,
@@ -421,7 +435,7 @@ def stage_fine_components(
                 progress=progress,
                 desc=f"fine component {k + 1}/{model.num_coarse}",
             )
-            save_checkpoint(_final_checkpoint(net.component, fcfg, local.classes, meta), out)
+            _save_on_main(_final_checkpoint(net.component, fcfg, local.classes, meta), out)
         model.load_fine_component(k, net)
 
 
@@ -461,7 +475,7 @@ def stage_finetune(
             desc="fine-tune",
             param_groups=hdcnn_param_groups(model),
         )
-    save_checkpoint(_final_checkpoint(model, tcfg, classes, metadata), paths.final)
+    _save_on_main(_final_checkpoint(model, tcfg, classes, metadata), paths.final)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -643,7 +657,8 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
     bundle = build_datasets(cfg)
     if cfg.hdcnn.num_coarse > len(bundle.classes):
         raise ConfigError(f"hdcnn.num_coarse={cfg.hdcnn.num_coarse} exceeds the {len(bundle.classes)} classes")
-    loaders = build_loaders(cfg, bundle)
+    info = du.init_distributed(device=cfg.train.device)  # under torchrun: data-parallel stages
+    loaders = build_loaders(cfg, bundle, rank=info.rank, world_size=info.world_size)
     classes = list(bundle.classes)
 
     pre = pretrain_stages(cfg, bundle, loaders, paths, resume=resume, progress=progress)
@@ -655,11 +670,17 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
         pre.metadata,
         pre.model,
     )
-    if not (resume and paths.init.is_file()):
+    if du.is_main_process() and not (resume and paths.init.is_file()):
         save_checkpoint(_final_checkpoint(model, cfg, classes, metadata), paths.init)
+    du.barrier()
     initial = build_hdcnn_model(cfg, classes, metadata)
     initial.load_state_dict(load_checkpoint(paths.init)["model"])
     stage_finetune(cfg, model, bundle, loaders, paths, metadata, t, resume=resume, progress=progress)
+    if info.world_size > 1:  # trained: rank 0 evaluates on the whole test split alone
+        du.cleanup()
+        if info.rank != 0:
+            return {"name": cfg.name, "rank": info.rank, "checkpoint": str(paths.final)}
+        loaders = build_loaders(cfg, bundle)
 
     reference = reference_taxonomy(cfg, bundle)
     model.beta = cfg.hdcnn.beta
