@@ -18,10 +18,8 @@ import time
 
 import torch
 
-from coarse2fine.build import build_datasets, load_trained, native_loader
+from coarse2fine.build import build_datasets, evaluate_protocol_on, load_trained
 from coarse2fine.config import load_config
-from coarse2fine.engine.evaluate import metrics_from_probs
-from coarse2fine.engine.protocols import evaluate_protocol
 from coarse2fine.workflow import train_run
 
 
@@ -63,16 +61,9 @@ def main() -> int:
     start = time.perf_counter()
     trained = load_trained(report.run_dir / "checkpoints" / "best.pt")
     bundle = build_datasets(trained.cfg)
-    stats = trained.metadata["data_stats"]
-    probs, targets, views = evaluate_protocol(
-        trained.model,
-        native_loader(trained.cfg, bundle.test),
-        "center",
-        flip=True,
-        mean=stats["mean"],
-        std=stats["std"],
+    flip, views = evaluate_protocol_on(
+        trained.model, trained.cfg, bundle.test, "center", trained.metadata["data_stats"], len(trained.classes)
     )
-    flip = metrics_from_probs(probs, targets, len(trained.classes))
     print(
         f"test with flip ({views} views, center protocol): top-1 {100 * flip.top1:.2f}%, top-5 {100 * flip.top5:.2f}% "
         f"({time.perf_counter() - start:.0f} s)"

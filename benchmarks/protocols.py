@@ -15,25 +15,14 @@ import time
 
 import torch
 
-from coarse2fine.build import build_datasets, load_trained, native_loader
+from coarse2fine.build import build_datasets, evaluate_protocol_on, load_trained
 from coarse2fine.config import apply_overrides, config_from_dict, to_dict
-from coarse2fine.engine.evaluate import metrics_from_probs
-from coarse2fine.engine.protocols import evaluate_protocol
 
 
 def run(models: list, cfg, dataset, protocol: str, stats: dict, classes: int) -> tuple[float, float, int]:
     start = time.perf_counter()
-    probs, targets, views = evaluate_protocol(
-        models,
-        native_loader(cfg, dataset),
-        protocol,
-        train_scale=cfg.data.train_scale,
-        test_scale=cfg.data.test_scale,
-        mean=stats["mean"],
-        std=stats["std"],
-    )
+    result, views = evaluate_protocol_on(models, cfg, dataset, protocol, stats, classes)
     seconds = time.perf_counter() - start
-    result = metrics_from_probs(probs, targets, classes)
     return result.top1, 1000 * seconds / max(1, result.num_samples), views
 
 

@@ -192,6 +192,36 @@ def native_loader(cfg: RunConfig, dataset: Any) -> Any:
     )
 
 
+def evaluate_protocol_on(
+    models: nn.Module | list[nn.Module],
+    cfg: RunConfig,
+    dataset: Any,
+    protocol: str,
+    stats: dict[str, Any],
+    num_classes: int,
+    *,
+    scales: list[int] | None = None,
+    flip: bool = True,
+) -> tuple[Any, int]:
+    """A VGG test protocol (SPEC 1) on ``dataset`` at native resolution, with the recipe's scales and
+    the training split's mean / std ``stats`` -> (metrics, views per image and model)."""
+    from coarse2fine.engine.evaluate import metrics_from_probs
+    from coarse2fine.engine.protocols import evaluate_protocol
+
+    probs, targets, views = evaluate_protocol(
+        models,
+        native_loader(cfg, dataset),
+        protocol,
+        scales=scales,
+        train_scale=cfg.data.train_scale,
+        test_scale=cfg.data.test_scale,
+        flip=flip,
+        mean=stats["mean"],
+        std=stats["std"],
+    )
+    return metrics_from_probs(probs, targets, num_classes), views
+
+
 # ---- models and losses ---------------------------------------------------------------------------
 
 

@@ -84,7 +84,7 @@ def print_run_report(report: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from coarse2fine.build import build_datasets, eval_loader, load_trained, native_loader
+    from coarse2fine.build import build_datasets, eval_loader, evaluate_protocol_on, load_trained
     from coarse2fine.engine import evaluate, save_eval_artifacts
 
     trained = [load_trained(p) for p in args.checkpoint]
@@ -110,22 +110,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(first.model, loader, num_classes=len(first.classes), progress=not args.quiet, desc=args.split)
         views = 1
     else:
-        from coarse2fine.engine.evaluate import metrics_from_probs
-        from coarse2fine.engine.protocols import evaluate_protocol
-
-        stats = first.metadata["data_stats"]
-        probs, targets, views = evaluate_protocol(
+        result, views = evaluate_protocol_on(
             [t.model for t in trained],
-            native_loader(cfg, dataset),
+            cfg,
+            dataset,
             protocol,
+            first.metadata["data_stats"],
+            len(first.classes),
             scales=args.scales or cfg.eval.scales,
-            train_scale=cfg.data.train_scale,
-            test_scale=cfg.data.test_scale,
             flip=not args.no_flip,
-            mean=stats["mean"],
-            std=stats["std"],
         )
-        result = metrics_from_probs(probs, targets, len(first.classes))
     seconds = time.perf_counter() - start
     paths = save_eval_artifacts(result, out, first.classes, prefix=f"{args.split}_{protocol.replace('+', '_')}")
     print(f"{args.split} ({result.num_samples} images), protocol {protocol}, {len(trained)} model(s), {views} view(s)")
