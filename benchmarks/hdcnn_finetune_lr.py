@@ -1,0 +1,56 @@
+"""HD-CNN global fine-tuning (SPEC 2.3 step 3) at another lr, on the cached stages of a benchmarks/hdcnn.py run.
+
+    python benchmarks/hdcnn_finetune_lr.py --lr 0.001                       # runs/bench_hdcnn_full/full
+    python benchmarks/hdcnn_finetune_lr.py --lr 0.001 --weight 0 --rule paper
+
+Stages 1-3 (block, hierarchy, fine components) are loaded from ``<out>/<name>/``; the fine-tuning is
+written to ``<out>/<name>/lambda_<w>_<rule>_lr<lr>/`` and the test top-1 is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+
+import numpy as np
+import torch
+
+from coarse2fine.build import build_datasets, build_loaders
+from coarse2fine.config import load_config
+from coarse2fine.engine.evaluate import evaluate, resolve_device
+from coarse2fine.hdcnn.pipeline import StagePaths, pretrain_stages, stage_finetune
+from coarse2fine.hierarchy import COARSE_TARGET_RULES, coarse_targets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/hdcnn_fashion_mnist.yaml")
+    ap.add_argument("--out", default="runs/bench_hdcnn_full")
+    ap.add_argument("--name", default="full")
+    ap.add_argument("--lr", type=float, required=True)
+    ap.add_argument("--weight", type=float, default=20.0, help="lambda of the consistency term")
+    ap.add_argument("--rule", choices=COARSE_TARGET_RULES, default="aggregation", help="coarse targets t_k")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, [f"out_dir={args.out}", f"name={args.name}"])
+    cfg = dataclasses.replace(
+        cfg, hdcnn=dataclasses.replace(cfg.hdcnn, finetune_lr=args.lr, consistency_weight=args.weight)
+    )
+    paths = StagePaths(cfg.run_dir)
+    bundle = build_datasets(cfg)
+    loaders = build_loaders(cfg, bundle)
+    pre = pretrain_stages(cfg, bundle, loaders, paths, resume=True, progress=False)
+    counts = np.bincount(np.asarray(bundle.train.targets), minlength=len(bundle.classes))
+    t = coarse_targets(pre.hierarchy.partial_sets, counts, args.rule)
+    model = copy.deepcopy(pre.model)
+    folder = paths.run_dir / f"lambda_{args.weight:g}_{args.rule}_lr{args.lr:g}"
+    stage_finetune(cfg, model, bundle, loaders, StagePaths(folder), pre.metadata, t, resume=True, progress=True)
+    res = evaluate(model, loaders.test, num_classes=len(bundle.classes), device=resolve_device(cfg.train.device))
+    print(f"fine-tuning lr {args.lr:g}, lambda={args.weight:g}, t_k {args.rule}: test top-1 {100 * res.top1:.2f} %")
+
+
+if __name__ == "__main__":
+    main()
