@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -38,6 +37,7 @@ from coarse2fine.hdcnn.model import HDCNN
 from coarse2fine.hdcnn.objective import HDCNNObjective
 from coarse2fine.hdcnn.pipeline import (
     StagePaths,
+    class_counts,
     pretrain_stages,
     stage_block,
     stage_finetune,
@@ -279,7 +279,7 @@ def main() -> None:
         cfg2, bundle, loaders, StagePaths(paths.run_dir / "second_block"), resume=True, progress=True
     )
     lam = cfg.hdcnn.consistency_weight
-    counts = np.bincount(np.asarray(bundle.train.targets), minlength=len(classes))
+    counts = class_counts(bundle.train, len(classes))
     other_rule = next(r for r in COARSE_TARGET_RULES if r != cfg.hdcnn.coarse_targets)
     finetunings = {  # row key -> (lambda, t_k, stage folder)
         "lambda=0": (0.0, t, "lambda_0"),

@@ -13,13 +13,12 @@ import argparse
 import copy
 import dataclasses
 
-import numpy as np
 import torch
 
 from coarse2fine.build import build_datasets, build_loaders
 from coarse2fine.config import load_config
 from coarse2fine.engine.evaluate import evaluate, resolve_device
-from coarse2fine.hdcnn.pipeline import StagePaths, pretrain_stages, stage_finetune
+from coarse2fine.hdcnn.pipeline import StagePaths, class_counts, pretrain_stages, stage_finetune
 from coarse2fine.hierarchy import COARSE_TARGET_RULES, coarse_targets
 
 
@@ -43,7 +42,7 @@ def main() -> None:
     bundle = build_datasets(cfg)
     loaders = build_loaders(cfg, bundle)
     pre = pretrain_stages(cfg, bundle, loaders, paths, resume=True, progress=False)
-    counts = np.bincount(np.asarray(bundle.train.targets), minlength=len(bundle.classes))
+    counts = class_counts(bundle.train, len(bundle.classes))
     t = coarse_targets(pre.hierarchy.partial_sets, counts, args.rule)
     model = copy.deepcopy(pre.model)
     folder = paths.run_dir / f"lambda_{args.weight:g}_{args.rule}_lr{args.lr:g}"

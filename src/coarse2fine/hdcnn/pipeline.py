@@ -223,7 +223,7 @@ def _local_bundle(bundle: Any, members: Sequence[int]) -> Any:
     return dataclasses.replace(bundle, train=train, val=val, test=val, classes=list(train.classes))
 
 
-def _class_counts(dataset: Any, num_classes: int) -> np.ndarray:
+def class_counts(dataset: Any, num_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(dataset.targets, dtype=np.int64), minlength=num_classes)
 
 
@@ -627,7 +627,7 @@ def pretrain_stages(
     classes = list(bundle.classes)
     block, block_source = stage_block(cfg, bundle, loaders, paths, resume=resume, progress=progress)
     h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=resume, progress=progress)
-    t = coarse_targets(h.partial_sets, _class_counts(bundle.train, len(classes)), cfg.hdcnn.coarse_targets)
+    t = coarse_targets(h.partial_sets, class_counts(bundle.train, len(classes)), cfg.hdcnn.coarse_targets)
     metadata = hdcnn_metadata(cfg, h, _in_chans(bundle), t, bundle.metadata())
     torch.manual_seed(cfg.seed)
     model = HDCNN(
