@@ -132,6 +132,63 @@ def test_large_beta_runs_everything_and_equals_full_model() -> None:
     assert torch.allclose(full["probs"], cond["probs"], atol=1e-5)
 
 
+SINGLE = [[0, 1, 2], [3], [2, 4, 5]]  # component 1: a one-class partial set
+
+
+@pytest.mark.parametrize("fine_exec", ["vmap", "loop"])
+def test_one_class_partial_set_is_never_run_and_gets_probability_b(fine_exec: str) -> None:
+    model = make(sets=SINGLE, fine_exec=fine_exec, sharp=30.0).eval()
+    x = torch.randn(16, 1, 8, 8)
+    calls = _count_calls(model)
+    forward_all = model.fine.forward_all
+    seen: list[list[int] | None] = []
+
+    def spy(h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(None if index is None else index.tolist())
+        return forward_all(h, index)
+
+    model.fine.forward_all = spy  # type: ignore[method-assign]
+    full = model(x, beta=None)
+    assert seen == [[0, 2]] and 1 not in calls  # all-run mode: the singleton's F_k is skipped
+    assert full["components_run"].tolist() == [2] * 16
+    # by hand: p = sum_k B_ik p_k with p_1 = 1 on class 3
+    h = model.shared(x)
+    coarse = full["coarse_probs"]
+    expected = coarse[:, 1:2] * F.one_hot(torch.full((16,), 3), 6).float()
+    for k in (0, 2):
+        expected[:, SINGLE[k]] += coarse[:, k : k + 1] * F.softmax(model.fine.forward_one(k, h)[:, :3], 1)
+    assert torch.allclose(full["probs"], expected, atol=1e-5)
+    calls.clear()
+    routed = model(x, beta=1.5)
+    keep = (coarse >= 1 / (1.5 * 3)) | F.one_hot(coarse.argmax(1), 3).bool()
+    assert 1 not in calls and sum(calls.values()) == int(keep[:, [0, 2]].sum())
+    assert routed["components_run"].tolist() == keep[:, [0, 2]].sum(1).tolist()
+    assert torch.allclose(routed["probs"].sum(1), torch.ones(16), atol=1e-5)
+    assert torch.allclose(model(x, beta=1e9)["probs"], full["probs"], atol=1e-5)
+
+
+def test_one_class_partial_set_vmap_equals_loop_and_keeps_its_statistics() -> None:
+    a, b = make(sets=SINGLE, fine_exec="vmap"), make(sets=SINGLE, fine_exec="loop")
+    b.load_state_dict(a.state_dict())
+    for m in [*a.modules(), *b.modules(), *a.fine.template.modules(), *b.fine.template.modules()]:
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # training mode (batch-norm statistics) without random masks
+    x = torch.randn(6, 1, 8, 8)
+    before = a.fine.stacked()[1]["body.1.running_mean"].clone()
+    oa, ob = a.train()(x), b.train()(x)
+    assert torch.allclose(oa["probs"], ob["probs"], atol=1e-5)
+    stats_a, stats_b = a.fine.stacked()[1], b.fine.stacked()[1]
+    # the subset run by vmap writes its batch-norm statistics back; the singleton's stay as they were
+    assert torch.allclose(stats_a["body.1.running_mean"], stats_b["body.1.running_mean"], atol=1e-6)
+    assert not torch.allclose(stats_a["body.1.running_mean"][0], before[0])
+    assert torch.equal(stats_a["body.1.running_mean"][1], before[1])
+    oa["logits"][:, 4].sum().backward()
+    ob["logits"][:, 4].sum().backward()
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
+    assert torch.all(a.fine.stacked()[0]["head.3.weight"].grad[1] == 0)  # nothing flows to the skipped slot
+
+
 def test_training_mode_ignores_beta_and_runs_all() -> None:
     model = make(beta=1.0).train()
     out = model(torch.randn(4, 1, 8, 8))

@@ -18,6 +18,9 @@ rows are masked to probability 0 and receive no gradient.
 Conditional execution (SPEC 2.4): at inference with ``beta`` set, B_ik < 1/(beta K) is set to 0
 and F_k runs only on the sub-batch of images that still need it (``index_select`` in,
 ``index_add_`` out; no Python loop over images).
+
+A partial set of one class needs no network (p_k = 1 on its class): its F_k is kept in the stack
+(same structure for every slot) but never run, in training or at inference.
 """
 
 from __future__ import annotations
@@ -158,30 +161,39 @@ class FineComponents(nn.Module):
         """Run component ``k`` on ``h`` -> logits ``(n, S_max)``."""
         return functional_call(self.template, self.state_of(k), (h,))
 
-    def _forward_vmap(self, h: Tensor) -> Tensor:
+    def _forward_vmap(self, h: Tensor, index: Tensor | None) -> Tensor:
         params, buffers = self.stacked()
+        if index is not None:  # a subset: gathered copies; updated batch-norm statistics are copied back
+            params = {n: p.index_select(0, index) for n, p in params.items()}
+            full, buffers = buffers, {n: b.index_select(0, index) for n, b in buffers.items()}
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_call(self.template, (p, b), (x,))
 
-        return vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, h)
+        out = vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, h)
+        if index is not None and self.training:
+            with torch.no_grad():
+                for n, b in buffers.items():
+                    full[n].index_copy_(0, index, b)
+        return out
 
-    def forward_all(self, h: Tensor) -> Tensor:
-        """Every component on the whole batch -> logits ``(K, B, S_max)``.
+    def forward_all(self, h: Tensor, index: Tensor | None = None) -> Tensor:
+        """Components ``index`` (default: all K) on the whole batch -> logits ``(len(index), B, S_max)``.
 
-        ``auto`` batches the K components with ``vmap`` on a GPU (one launch instead of K) and loops on
+        ``auto`` batches the components with ``vmap`` on a GPU (one launch instead of K) and loops on
         the CPU, where the loop measured faster (docs/BENCHMARKS.md, HD-CNN).
         """
         use_vmap = self._vmap_ok is not False and not (self.exec_mode == "auto" and h.device.type == "cpu")
         if use_vmap:
             try:
-                return self._forward_vmap(h)
+                return self._forward_vmap(h, index)
             except Exception as exc:  # vmap cannot trace some exotic layers: fall back, once
                 if self._vmap_ok:
                     raise
                 log.warning("HD-CNN: vmap over fine components failed (%s); running them in a loop", exc)
                 self._vmap_ok = False
-        return torch.stack([self.forward_one(k, h) for k in range(self.num_components)])
+        ks = range(self.num_components) if index is None else index.tolist()
+        return torch.stack([self.forward_one(k, h) for k in ks])
 
     def component(self, k: int) -> nn.Module:
         """A standalone, independent copy of component ``k`` (e.g. to pretrain it alone)."""
@@ -300,7 +312,8 @@ class HDCNN(nn.Module):
     - ``"coarse_probs"``: B_ik after aggregation and L1 normalisation (B, K);
     - ``"fine_probs_coarse"``: the coarse component's fine softmax B^f (B, C);
     - ``"heads"``: ``{"coarse_component": log B^f}`` (the coarse component as a fine classifier);
-    - ``"components_run"``: fine components executed per image (B,) int64.
+    - ``"components_run"``: fine components executed per image (B,) int64 (a one-class partial set
+      is never executed: its p_k is 1 on its class).
     """
 
     def __init__(
@@ -373,6 +386,14 @@ class HDCNN(nn.Module):
         self.register_buffer("membership", membership, persistent=False)  # (C, K)
         self.register_buffer("expand", expand, persistent=False)  # (K, S_max, C) local -> global
         self.register_buffer("valid", valid, persistent=False)  # (K, S_max)
+        # a partial set of one class needs no network: p_k = 1 on that class (its F_k is never run)
+        self.singletons = [k for k, s in enumerate(sets) if len(s) == 1]
+        self.runnable = [k for k, s in enumerate(sets) if len(s) > 1]
+        long = torch.long
+        self.register_buffer("run_index", torch.tensor(self.runnable, dtype=long), persistent=False)
+        self.register_buffer("single_index", torch.tensor(self.singletons, dtype=long), persistent=False)
+        single_class = torch.tensor([sets[k][0] for k in self.singletons], dtype=long)
+        self.register_buffer("single_class", single_class, persistent=False)
 
     # ---- pieces ---------------------------------------------------------------------------------
     def coarse_forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -381,12 +402,17 @@ class HDCNN(nn.Module):
         agg = fine_probs @ self.membership
         return fine_probs, agg / agg.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
-    def local_probs(self, k: int | None, logits: Tensor) -> Tensor:
-        """Softmax over the valid outputs of component ``k`` (or all, for ``(K, B, S)``)."""
-        mask = self.valid if k is None else self.valid[k]
-        if k is None:
+    def local_probs(self, k: int | Tensor, logits: Tensor) -> Tensor:
+        """Softmax over the valid outputs of component ``k`` (or of components ``k``, for ``(n, B, S)``)."""
+        mask = self.valid[k]
+        if isinstance(k, Tensor):
             mask = mask[:, None, :]
         return F.softmax(logits.float().masked_fill(~mask, float("-inf")), dim=-1)
+
+    def _singleton_part(self, weights: Tensor) -> Tensor:
+        """sum over one-class partial sets of B_ik p_k, with p_k = 1 on the set's class (no F_k run)."""
+        out = weights.new_zeros(weights.shape[0], self.num_classes, dtype=torch.float32)
+        return out.index_add_(1, self.single_class, weights.index_select(1, self.single_index).float())
 
     def conditional_weights(self, coarse_probs: Tensor, beta: float) -> Tensor:
         """B_ik set to 0 below 1/(beta K); each image keeps at least its most probable component."""
@@ -396,19 +422,22 @@ class HDCNN(nn.Module):
         return coarse_probs * keep
 
     def _all_components(self, h: Tensor, weights: Tensor) -> Tensor:
-        local = self.local_probs(None, self.fine.forward_all(h))  # (K, B, S_max)
-        mixed = torch.einsum("bk,kbs,ksc->bc", weights, local, self.expand)
+        idx = self.run_index
+        mixed = self._singleton_part(weights)
+        if idx.numel():
+            local = self.local_probs(idx, self.fine.forward_all(h, idx if self.singletons else None))
+            mixed = mixed + torch.einsum("bk,kbs,ksc->bc", weights.index_select(1, idx), local, self.expand[idx])
         return mixed / weights.sum(dim=1, keepdim=True)
 
     def _routed_components(self, h: Tensor, weights: Tensor) -> Tensor:
         """Run F_k only on the images with a nonzero weight for k (SPEC 2.4)."""
-        out = h.new_zeros(h.shape[0], self.num_classes, dtype=torch.float32)
-        for k in range(self.num_coarse):
+        out = self._singleton_part(weights)
+        for k in self.runnable:
             idx = torch.nonzero(weights[:, k] > 0, as_tuple=True)[0]
             if idx.numel() == 0:
                 continue
             local = self.local_probs(k, self.fine.forward_one(k, h.index_select(0, idx)))
-            contrib = (local @ self.expand[k]) * weights.index_select(0, idx)[:, k : k + 1]
+            contrib = (local @ self.expand[k]).float() * weights.index_select(0, idx)[:, k : k + 1]
             out.index_add_(0, idx, contrib)
         return out / weights.sum(dim=1, keepdim=True)
 
@@ -420,11 +449,11 @@ class HDCNN(nn.Module):
         if self.training or beta is None:
             weights = coarse_probs
             probs = self._all_components(h, weights)
-            run = torch.full((x.shape[0],), self.num_coarse, dtype=torch.long, device=x.device)
+            run = torch.full((x.shape[0],), self.run_index.numel(), dtype=torch.long, device=x.device)
         else:
             weights = self.conditional_weights(coarse_probs, beta)
             probs = self._routed_components(h, weights)
-            run = (weights > 0).sum(dim=1)
+            run = (weights.index_select(1, self.run_index) > 0).sum(dim=1)
         return {
             "logits": probs.clamp_min(LOG_CLAMP).log(),
             "probs": probs,
