@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +263,19 @@ def test_bad_checkpoints(
     save_checkpoint({"model": TinyBlock(10, 1, width=16).state_dict(), "classes": finished[1]["classes"]}, other)
     with pytest.raises(CheckpointError, match=r"other\.pt"):
         pipeline.run_pipeline(make_cfg(tmp_path, f"hdcnn.block_checkpoint={other}"), progress=False)
+
+
+def test_peak_memory_on_cpu_counts_activations_and_keeps_stderr_clean() -> None:
+    """The CPU measure (profiler allocations) grows with the batch; libkineto's start / stop lines and its
+    failed GPU probe do not reach the screen (a fresh process: the log level is read once)."""
+    code = (
+        "import torch\n"
+        "from coarse2fine.hdcnn.evaluation import peak_memory_bytes\n"
+        "net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU())\n"
+        "print(peak_memory_bytes(net, torch.randn(2, 1, 32, 32)), peak_memory_bytes(net, torch.randn(8, 1, 32, 32)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    small, large = map(int, done.stdout.split())
+    assert large >= 4 * 16 * 32 * 32 * 8 > small > 0  # at least the conv output of 8 images, float32
+    assert "profiler_start" not in done.stderr and "gpuGetDeviceCount" not in done.stderr, done.stderr

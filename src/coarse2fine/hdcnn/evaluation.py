@@ -9,6 +9,7 @@ excluded). ``peak_memory_bytes`` measures the peak memory allocated during one f
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,9 @@ def peak_memory_bytes(model: nn.Module, images: Tensor, **kwargs: Any) -> int:
         return int(torch.cuda.max_memory_allocated(images.device) - base)
     from torch.profiler import ProfilerActivity, profile
 
+    # libkineto writes every profiler start / stop (and, without a GPU, a failed device probe) to stderr;
+    # a level above its ERROR level keeps the screen clean unless the user chose a level
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(images, **kwargs)
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
