@@ -13,34 +13,23 @@ the overrides of the run that made them); the fine-tuning is written to
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 
-import torch
-
-from coarse2fine.build import build_datasets, build_loaders
-from coarse2fine.config import load_config
 from coarse2fine.engine.evaluate import evaluate, resolve_device
-from coarse2fine.hdcnn.pipeline import StagePaths, class_counts, pretrain_stages, stage_finetune
+from coarse2fine.hdcnn.pipeline import StagePaths, class_counts, stage_finetune
 from coarse2fine.hierarchy import COARSE_TARGET_RULES, coarse_targets
+from hdcnn_stages import load_stages, stages_parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/hdcnn_fashion_mnist.yaml")
-    ap.add_argument("--out", default="runs/bench_hdcnn_full")
-    ap.add_argument("--name", default="full")
+    ap = stages_parser(__doc__)
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--weight", type=float, default=20.0, help="lambda of the consistency term")
     ap.add_argument("--rule", choices=COARSE_TARGET_RULES, default="aggregation", help="coarse targets t_k")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the recipe's)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [*args.overrides, f"out_dir={args.out}", f"name={args.name}"])
+    cfg, bundle, loaders, pre = load_stages(args)
     epochs = args.epochs if args.epochs is not None else cfg.hdcnn.finetune_epochs
     cfg = dataclasses.replace(
         cfg,
@@ -48,15 +37,11 @@ def main() -> None:
             cfg.hdcnn, finetune_lr=args.lr, consistency_weight=args.weight, finetune_epochs=epochs
         ),
     )
-    paths = StagePaths(cfg.run_dir)
-    bundle = build_datasets(cfg)
-    loaders = build_loaders(cfg, bundle)
-    pre = pretrain_stages(cfg, bundle, loaders, paths, resume=True, progress=False)
     counts = class_counts(bundle.train, len(bundle.classes))
     t = coarse_targets(pre.hierarchy.partial_sets, counts, args.rule)
     model = copy.deepcopy(pre.model)
     suffix = "" if args.epochs is None else f"_e{epochs}"
-    folder = paths.run_dir / f"lambda_{args.weight:g}_{args.rule}_lr{args.lr:g}{suffix}"
+    folder = cfg.run_dir / f"lambda_{args.weight:g}_{args.rule}_lr{args.lr:g}{suffix}"
     stage_finetune(cfg, model, bundle, loaders, StagePaths(folder), pre.metadata, t, resume=True, progress=True)
     res = evaluate(model, loaders.test, num_classes=len(bundle.classes), device=resolve_device(cfg.train.device))
     print(

@@ -12,15 +12,12 @@ Stages are loaded from ``<out>/<name>/`` of a benchmarks/hdcnn.py run (``--set``
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 from torch import Tensor
 
-from coarse2fine.build import build_datasets, build_loaders
-from coarse2fine.config import load_config
-from coarse2fine.hdcnn.pipeline import StagePaths, pretrain_stages
+from hdcnn_stages import load_stages, stages_parser
 
 
 @torch.inference_mode()
@@ -38,19 +35,8 @@ def _outputs(pre: object, loader: object) -> tuple[Tensor, Tensor, dict[int, Ten
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/hdcnn_fashion_mnist.yaml")
-    ap.add_argument("--out", default="runs/bench_hdcnn_full")
-    ap.add_argument("--name", default="full")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [*args.overrides, f"out_dir={args.out}", f"name={args.name}"])
-    bundle = build_datasets(cfg)
-    loaders = build_loaders(cfg, bundle)
-    pre = pretrain_stages(cfg, bundle, loaders, StagePaths(cfg.run_dir), resume=True, progress=False)
+    args = stages_parser(__doc__).parse_args()
+    _, bundle, loaders, pre = load_stages(args)
     print(f"command: {' '.join(sys.argv)}\n")
     print("| split | partial set S_k | images | block, argmax over S_k | fine component F_k | F_k - block |")
     print("|---|---|---:|---:|---:|---:|")
