@@ -13,8 +13,15 @@ the same run on the same machine: forward time (eval mode, ``inference_mode``), 
 training activation memory (bytes of the tensors autograd saves for backward in one training step;
 plus peak CUDA memory on a GPU).
 
+``--canvas S`` turns the data into cluttered translated Fashion-MNIST (as cluttered MNIST in Mnih et al.,
+"Recurrent Models of Visual Attention", 2014): each garment is placed at a random position on an S x S
+black canvas together with ``--fragments`` pieces (``--fragment-size`` square) cut from other images of
+the same split, so that the image has background, and background that looks like other classes. The
+placements are fixed per split by the seed; every arm sees the same images.
+
 Full run (the lead):   python benchmarks/herbs_ablation.py --epochs 15
 Short run (shared CPU): python benchmarks/herbs_ablation.py --epochs 1 --limit-train 6000 --limit-test 2000
+With background:       python benchmarks/herbs_ablation.py --canvas 48 --limit-train 20000 --epochs 10
 """
 
 from __future__ import annotations
@@ -56,6 +63,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-selects", default=None, help="K_i per stage, e.g. 0.5,0.5,0.67 (default: official)")
     p.add_argument("--lambda-dropped", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--canvas", type=int, default=0, help="cluttered translated images on this canvas (0: off)")
+    p.add_argument("--fragments", type=int, default=8, help="clutter pieces per image (with --canvas)")
+    p.add_argument("--fragment-size", type=int, default=10)
+    p.add_argument("--save-examples", default=None, help="PNG of the first 16 training images (with --canvas)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timing-batch", type=int, default=256)
@@ -76,10 +87,50 @@ def subset(images: Tensor, targets: Tensor, n: int | None, seed: int) -> tuple[T
     return images[keep], targets[keep]
 
 
+def clutter(images: Tensor, canvas: int, fragments: int, size: int, seed: int) -> Tensor:
+    """Cluttered translated copies ``(N, 1, canvas, canvas)`` of uint8 ``images`` ``(N, 1, h, h)``:
+    ``fragments`` random ``size`` x ``size`` pieces of other images, then the image itself, each pasted
+    (pixel-wise max) at a random position; vectorised over the images."""
+    n, h = images.shape[0], images.shape[-1]
+    if canvas < h or size > h:
+        raise SystemExit(f"--canvas {canvas} must be >= the image size {h} >= --fragment-size {size}")
+    gen = torch.Generator().manual_seed(seed)
+    src = images[:, 0]
+    out = torch.zeros(n, canvas, canvas, dtype=torch.uint8)
+    who = torch.arange(n).view(n, 1, 1)
+
+    def window(limit: int, s: int) -> tuple[Tensor, Tensor]:
+        """Row and column indices of a random ``s`` x ``s`` window inside ``limit`` x ``limit``, per image."""
+        oy, ox = (torch.randint(0, limit - s + 1, (n, 1, 1), generator=gen) for _ in range(2))
+        ar = torch.arange(s)
+        return oy + ar.view(1, s, 1), ox + ar.view(1, 1, s)
+
+    for _ in range(fragments):
+        other = torch.randint(0, n, (n, 1, 1), generator=gen)
+        r, c = window(h, size)
+        piece = src[other, r, c]
+        r, c = window(canvas, size)
+        out[who, r, c] = torch.maximum(out[who, r, c], piece)
+    r, c = window(canvas, h)
+    out[who, r, c] = torch.maximum(out[who, r, c], src)
+    return out.unsqueeze(1)
+
+
+def save_examples(images: Tensor, path: str) -> None:
+    """The first 16 images as a 4 x 4 grid PNG."""
+    from PIL import Image
+
+    grid = images[:16, 0]
+    s = grid.shape[-1]
+    grid = grid.view(4, 4, s, s).permute(0, 2, 1, 3).reshape(4 * s, 4 * s)
+    Image.fromarray(grid.numpy()).resize((8 * s, 8 * s), Image.NEAREST).save(path)
+
+
 def make_arm(arm: str, args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(model, objective, backbone) for one arm; the backbone is initialised from the same seed."""
     torch.manual_seed(args.seed)
-    backbone = create_model(args.model, num_classes=num_classes, in_chans=1)
+    size = args.canvas or 28
+    backbone = create_model(args.model, num_classes=num_classes, in_chans=1, input_size=size)
     if arm == "plain":
         return backbone, CrossEntropyObjective(), backbone
     selects = [float(v) for v in args.num_selects.split(",")] if args.num_selects else None
@@ -92,7 +143,7 @@ def make_arm(arm: str, args: argparse.Namespace, num_classes: int) -> tuple[nn.M
         lambda_dropped=args.lambda_dropped,
         basic=None if arm == "herbs" else arm,
     )
-    model, objective = build_herbs(backbone, num_classes, cfg, input_size=(1, 28, 28))
+    model, objective = build_herbs(backbone, num_classes, cfg, input_size=(1, size, size))
     return model, objective, backbone
 
 
@@ -135,6 +186,8 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
+        print(f"  epoch {epoch + 1}/{args.epochs}: last loss {loss.item():.4f}, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
     return (time.perf_counter() - start) / max(1, args.epochs)
 
 
@@ -193,10 +246,17 @@ def main() -> None:
     test_set = FashionMNIST(args.root, split="test")
     xtr, ytr = subset(train_set.images, torch.as_tensor(train_set.targets), args.limit_train, args.seed)
     xte, yte = subset(test_set.images, torch.as_tensor(test_set.targets), args.limit_test, args.seed + 1)
+    size = 28
+    if args.canvas:
+        size = args.canvas
+        xtr = clutter(xtr, size, args.fragments, args.fragment_size, args.seed + 2)
+        xte = clutter(xte, size, args.fragments, args.fragment_size, args.seed + 3)
+        if args.save_examples:
+            save_examples(xtr, args.save_examples)
     pix = xtr.float().div(255)
     mean, std = [pix.mean().item()], [pix.std().item()]
-    aug = BatchAugment(mean, std, size=28, train=True, pad=2, flip=True)
-    norm = BatchAugment(mean, std, size=28, train=False)
+    aug = BatchAugment(mean, std, size=size, train=True, pad=2, flip=True)
+    norm = BatchAugment(mean, std, size=size, train=False)
     num_classes = len(train_set.classes)
 
     rows: list[dict[str, Any]] = []
@@ -228,8 +288,11 @@ def main() -> None:
         print(f"done: {rows[-1]}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    data = "28 x 28"
+    if args.canvas:
+        data = f"cluttered {size} x {size} ({args.fragments} pieces of {args.fragment_size} px)"
     print(
-        f"\nFashion-MNIST, backbone {args.model}, {args.epochs} epoch(s), {len(ytr)} training / {len(yte)} "
+        f"\nFashion-MNIST {data}, backbone {args.model}, {args.epochs} epoch(s), {len(ytr)} training / {len(yte)} "
         f"test images, batch {args.batch_size}, device {args.device}\n"
     )
     print(table(rows, args.timing_batch))

@@ -74,6 +74,44 @@ def test_herbs_on_timm_cnn() -> None:
         assert model(torch.randn(2, 3, 64, 64))["logits"].shape == (2, 7)
 
 
+def _tiny_swin(size: int, **kwargs):
+    from coarse2fine.models import create_model
+
+    return create_model("timm/swin_tiny_patch4_window7_224", 5, img_size=size, window_size=2, embed_dim=24,
+                        depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), **kwargs)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_herbs_on_timm_swin_tokens(size: int) -> None:
+    """A real timm Swin gives (B, N, C) tokens; HERBS keeps the official fractions of each stage."""
+    from coarse2fine.config import HERBSConfig
+    from coarse2fine.herbs import build_herbs
+
+    model, objective = build_herbs(_tiny_swin(size), 5, HERBSConfig(fpn_size=16), size)
+    assert model.layout == "nlc"
+    assert model.token_counts == [(size // r) ** 2 for r in (4, 8, 16, 32)]
+    out = model(torch.randn(2, 3, size, size))
+    assert [k.shape[1] for k in out["kept_index"]] == model.kept_counts
+    assert out["logits"].shape == (2, 5) and len(out["heads"]) == 9
+    loss = objective(out, torch.tensor([1, 2]))["loss"]
+    loss.backward()
+    assert model.backbone.model.patch_embed.proj.weight.grad is not None
+
+
+def test_herbs_on_timm_swin_at_another_input_size() -> None:
+    """Built at 32 px with attention pooling, the same model runs on 64 px images."""
+    from coarse2fine.config import HERBSConfig
+    from coarse2fine.herbs import build_herbs
+
+    cfg = HERBSConfig(fpn_size=16, combiner_pool="attention")
+    model, _ = build_herbs(_tiny_swin(32, strict_img_size=False), 5, cfg, 32)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out["logits"].shape == (2, 5)
+    assert out["kept_index"][0].shape[1] > model.kept_counts[0]  # a fraction of the larger grid
+
+
 def test_pretrained_file_mismatch_reaches_the_user(tmp_path, capsys) -> None:
     from coarse2fine.build import build_model_and_objective
 
