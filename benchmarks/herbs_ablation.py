@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--canvas", type=int, default=0, help="cluttered translated images on this canvas (0: off)")
     p.add_argument("--fragments", type=int, default=8, help="clutter pieces per image (with --canvas)")
     p.add_argument("--fragment-size", type=int, default=10)
-    p.add_argument("--save-examples", default=None, help="PNG of the first 16 training images (with --canvas)")
+    p.add_argument("--save-examples", default=None, help="PNG of 16 training images (with --canvas)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timing-batch", type=int, default=256)
@@ -117,10 +117,10 @@ def clutter(images: Tensor, canvas: int, fragments: int, size: int, seed: int) -
 
 
 def save_examples(images: Tensor, path: str) -> None:
-    """The first 16 images as a 4 x 4 grid PNG."""
+    """16 images spread evenly over the set (so over the classes) as a 4 x 4 grid PNG."""
     from PIL import Image
 
-    grid = images[:16, 0]
+    grid = images[torch.linspace(0, len(images) - 1, 16).long(), 0]
     s = grid.shape[-1]
     grid = grid.view(4, 4, s, s).permute(0, 2, 1, 3).reshape(4 * s, 4 * s)
     Image.fromarray(grid.numpy()).resize((8 * s, 8 * s), Image.NEAREST).save(path)
