@@ -21,7 +21,7 @@ placements are fixed per split by the seed; every arm sees the same images.
 
 Full run (the lead):   python benchmarks/herbs_ablation.py --epochs 15
 Short run (shared CPU): python benchmarks/herbs_ablation.py --epochs 1 --limit-train 6000 --limit-test 2000
-With background:       python benchmarks/herbs_ablation.py --canvas 48 --limit-train 20000 --epochs 10
+With background:       python benchmarks/herbs_ablation.py --canvas 48 --limit-train 15000 --epochs 10
 """
 
 from __future__ import annotations
@@ -246,9 +246,8 @@ def main() -> None:
     test_set = FashionMNIST(args.root, split="test")
     xtr, ytr = subset(train_set.images, torch.as_tensor(train_set.targets), args.limit_train, args.seed)
     xte, yte = subset(test_set.images, torch.as_tensor(test_set.targets), args.limit_test, args.seed + 1)
-    size = 28
+    size = args.canvas or 28
     if args.canvas:
-        size = args.canvas
         xtr = clutter(xtr, size, args.fragments, args.fragment_size, args.seed + 2)
         xte = clutter(xte, size, args.fragments, args.fragment_size, args.seed + 3)
         if args.save_examples:

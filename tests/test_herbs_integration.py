@@ -20,6 +20,8 @@ models = pytest.importorskip("coarse2fine.models")
 if not hasattr(models, "create_model"):
     pytest.skip("coarse2fine.models.create_model is not available yet", allow_module_level=True)
 
+from test_models import tiny_swin  # noqa: E402
+
 
 def _write_idx(path, array: np.ndarray) -> None:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -74,20 +76,13 @@ def test_herbs_on_timm_cnn() -> None:
         assert model(torch.randn(2, 3, 64, 64))["logits"].shape == (2, 7)
 
 
-def _tiny_swin(size: int, **kwargs):
-    from coarse2fine.models import create_model
-
-    return create_model("timm/swin_tiny_patch4_window7_224", 5, img_size=size, window_size=2, embed_dim=24,
-                        depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), **kwargs)
-
-
 @pytest.mark.parametrize("size", [32, 64])
 def test_herbs_on_timm_swin_tokens(size: int) -> None:
     """A real timm Swin gives (B, N, C) tokens; HERBS keeps the official fractions of each stage."""
     from coarse2fine.config import HERBSConfig
     from coarse2fine.herbs import build_herbs
 
-    model, objective = build_herbs(_tiny_swin(size), 5, HERBSConfig(fpn_size=16), size)
+    model, objective = build_herbs(tiny_swin(size), 5, HERBSConfig(fpn_size=16), size)
     assert model.layout == "nlc"
     assert model.token_counts == [(size // r) ** 2 for r in (4, 8, 16, 32)]
     out = model(torch.randn(2, 3, size, size))
@@ -104,7 +99,7 @@ def test_herbs_on_timm_swin_at_another_input_size() -> None:
     from coarse2fine.herbs import build_herbs
 
     cfg = HERBSConfig(fpn_size=16, combiner_pool="attention")
-    model, _ = build_herbs(_tiny_swin(32, strict_img_size=False), 5, cfg, 32)
+    model, _ = build_herbs(tiny_swin(32, strict_img_size=False), 5, cfg, 32)
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64))

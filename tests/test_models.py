@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -211,9 +213,14 @@ def test_timm_sequence_composes_for_other_families(name: str, stages: int) -> No
     torch.testing.assert_close(rear(pre(x)), model(x))
 
 
+def tiny_swin(size: int, num_classes: int = 5, **kwargs: Any) -> nn.Module:
+    """A real timm Swin (one block per stage, width 24) for ``size`` px inputs; also used by the HERBS tests."""
+    return create_model("timm/swin_tiny_patch4_window7_224", num_classes, img_size=size, window_size=2,
+                        embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), **kwargs)
+
+
 def test_timm_swin_tokens_and_errors() -> None:
-    model = create_model("timm/swin_tiny_patch4_window7_224", 5, img_size=32, window_size=2, embed_dim=24,
-                         depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)).eval()
+    model = tiny_swin(32).eval()
     assert model.token_layout == "nlc" and model.default_input_size == (3, 32, 32)
     outs = model.forward_stages(torch.randn(2, 3, 32, 32))
     assert [tuple(o.shape) for o in outs] == [(2, 64, 24), (2, 16, 48), (2, 4, 96), (2, 1, 192)]
