@@ -18,9 +18,8 @@ import time
 
 import torch
 
-from coarse2fine.build import build_datasets, evaluate_protocol_on, load_trained
 from coarse2fine.config import load_config
-from coarse2fine.workflow import train_run
+from coarse2fine.recipes import build_datasets, evaluate_protocol_on, load_trained, train_run
 
 
 def machine() -> str:
@@ -62,7 +61,7 @@ def main() -> int:
     trained = load_trained(report.run_dir / "checkpoints" / "best.pt")
     bundle = build_datasets(trained.cfg)
     flip, views = evaluate_protocol_on(
-        trained.model, trained.cfg, bundle.test, "center", trained.metadata["data_stats"], len(trained.classes)
+        trained.model, trained.cfg, bundle.test, "center", trained.facts.data_stats, len(trained.classes)
     )
     print(
         f"test with flip ({views} views, center protocol): top-1 {100 * flip.top1:.2f}%, top-5 {100 * flip.top5:.2f}% "

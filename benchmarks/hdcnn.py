@@ -28,21 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from coarse2fine.build import build_datasets, build_loaders, eval_loader, load_trained
+from coarse2fine.compress import model_bytes
 from coarse2fine.config import load_config
+from coarse2fine.data import class_counts
 from coarse2fine.engine.evaluate import autocast, autocast_dtype, evaluate, resolve_device
-from coarse2fine.hdcnn.compression import model_bytes
-from coarse2fine.hdcnn.evaluation import compress_hdcnn, inference_pass, peak_memory_bytes
-from coarse2fine.hdcnn.model import HDCNN
-from coarse2fine.hdcnn.objective import HDCNNObjective
-from coarse2fine.hdcnn.pipeline import (
-    StagePaths,
-    class_counts,
-    pretrain_stages,
-    stage_block,
-    stage_finetune,
-)
+from coarse2fine.hdcnn import HDCNN, HDCNNObjective, compress_hdcnn, inference_pass, peak_memory_bytes
 from coarse2fine.hierarchy import COARSE_TARGET_RULES, coarse_targets
+from coarse2fine.recipes import build_datasets, build_loaders, eval_loader, load_trained
+from coarse2fine.recipes.hdcnn import StagePaths, pretrain_stages, stage_block, stage_finetune
 
 SHORT = [
     "data.limit_train=3000",
@@ -161,7 +154,7 @@ SYNTHETIC = {"fashion_mnist": (10, 1, 28), "cifar100": (100, 3, 32)}  # classes,
 
 def exec_only(cfg: Any, batch: int, repeats: int) -> None:
     """vmap vs loop on random images with an untrained HD-CNN of the recipe (no data, no training)."""
-    from coarse2fine.build import build_backbone
+    from coarse2fine.recipes import build_backbone
 
     device = resolve_device(cfg.train.device)
     c, chans, size = SYNTHETIC.get(cfg.data.name, (10, 3, 32))
@@ -273,7 +266,7 @@ def main() -> None:
     loaders = build_loaders(cfg, bundle)
     classes = list(bundle.classes)
     pre = pretrain_stages(cfg, bundle, loaders, paths, resume=True, progress=True)
-    block, h, t, metadata, initial = pre.block, pre.hierarchy, pre.coarse_targets, pre.metadata, pre.model
+    block, h, t, facts, initial = pre.block, pre.hierarchy, pre.coarse_targets, pre.facts, pre.model
     cfg2 = dataclasses.replace(cfg, seed=cfg.seed + 1, hdcnn=dataclasses.replace(cfg.hdcnn, block_checkpoint=None))
     block2, _ = stage_block(
         cfg2, bundle, loaders, StagePaths(paths.run_dir / "second_block"), resume=True, progress=True
@@ -300,7 +293,7 @@ def main() -> None:
             bundle,
             loaders,
             StagePaths(paths.run_dir / folder),
-            metadata,
+            facts,
             targets,
             resume=True,
             progress=True,

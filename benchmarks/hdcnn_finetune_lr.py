@@ -16,9 +16,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from coarse2fine.data import class_counts
 from coarse2fine.engine.evaluate import evaluate, resolve_device
-from coarse2fine.hdcnn.pipeline import StagePaths, class_counts, stage_finetune
 from coarse2fine.hierarchy import COARSE_TARGET_RULES, coarse_targets
+from coarse2fine.recipes.hdcnn import StagePaths, stage_finetune
 from hdcnn_stages import load_stages, stages_parser
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     model = copy.deepcopy(pre.model)
     suffix = "" if args.epochs is None else f"_e{epochs}"
     folder = cfg.run_dir / f"lambda_{args.weight:g}_{args.rule}_lr{args.lr:g}{suffix}"
-    stage_finetune(cfg, model, bundle, loaders, StagePaths(folder), pre.metadata, t, resume=True, progress=True)
+    stage_finetune(cfg, model, bundle, loaders, StagePaths(folder), pre.facts, t, resume=True, progress=True)
     res = evaluate(model, loaders.test, num_classes=len(bundle.classes), device=resolve_device(cfg.train.device))
     print(
         f"fine-tuning {epochs} epochs at lr {args.lr:g}, lambda={args.weight:g}, t_k {args.rule}: "

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from coarse2fine.build import build_datasets, build_loaders
 from coarse2fine.config import RunConfig, load_config
-from coarse2fine.hdcnn.pipeline import Pretrained, StagePaths, pretrain_stages
+from coarse2fine.recipes import build_datasets, build_loaders
+from coarse2fine.recipes.hdcnn import Pretrained, StagePaths, pretrain_stages
 
 
 def stages_parser(doc: str | None) -> argparse.ArgumentParser:

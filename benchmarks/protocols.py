@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from coarse2fine.build import build_datasets, evaluate_protocol_on, load_trained
 from coarse2fine.config import apply_overrides, config_from_dict, to_dict
+from coarse2fine.recipes import build_datasets, evaluate_protocol_on, load_trained
 
 
 def run(models: list, cfg, dataset, protocol: str, stats: dict, classes: int) -> tuple[float, float, int]:
@@ -43,7 +43,7 @@ def main() -> int:
         overrides.append(f"data.limit_test={args.limit_test}")
     cfg = config_from_dict(apply_overrides(to_dict(first.cfg), overrides))
     bundle = build_datasets(cfg)
-    stats, c = first.metadata["data_stats"], len(first.classes)
+    stats, c = first.facts.data_stats, len(first.classes)
     rows = []
     for protocol in ("center", "dense", "multicrop", "multiscale", "dense+multicrop"):
         rows.append((f"{first.cfg.model.name} {protocol}", *run([first.model], cfg, bundle.test, protocol, stats, c)))

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from coarse2fine.errors import C2FError, ModelError
-from coarse2fine.hdcnn.compression import (
+from coarse2fine.compress import (
     CompressionReport,
     PQConv2d,
     PQLinear,
@@ -22,6 +21,7 @@ from coarse2fine.hdcnn.compression import (
     reconstruct,
     relative_error,
 )
+from coarse2fine.errors import C2FError, ModelError
 
 
 def test_compression_factor_matches_the_paper() -> None:

@@ -85,7 +85,7 @@ def test_model_initialisation_follows_the_recipe_seed() -> None:
     """Fresh processes start torch's generator from a random seed: the builder seeds from ``seed``."""
     import torch
 
-    from coarse2fine.build import build_backbone
+    from coarse2fine.recipes import build_backbone
 
     cfg = load_config(None, ["model.name=vgg_small_bn", "seed=3"])
     first = build_backbone(cfg, 10, 1).state_dict()

@@ -18,8 +18,9 @@ import torch.multiprocessing as mp
 
 from coarse2fine.config import config_from_dict, to_dict
 from coarse2fine.engine.checkpoint import load_checkpoint
-from coarse2fine.hdcnn import pipeline
 from coarse2fine.hierarchy import Hierarchy
+from coarse2fine.models import register_model
+from coarse2fine.recipes import hdcnn as pipeline
 
 
 def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out_dir: str) -> None:
@@ -28,7 +29,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out_dir:
     )
     from test_hdcnn_pipeline import _tiny_create
 
-    pipeline._create_block = _tiny_create  # spawned process: patch the module directly
+    register_model("test_tiny_block", _tiny_create, replace=True)  # spawned process: register it again
     real_fit = pipeline.fit
 
     def recording_fit(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

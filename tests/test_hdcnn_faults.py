@@ -41,7 +41,7 @@ def _command(root: Path, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "coarse2fine", "hdcnn", "fit", "--config", "configs/hdcnn_fashion_mnist.yaml"]
     for s in sets:
         cmd += ["--set", s]
-    return [*cmd, "--no-progress"]
+    return [*cmd, "--quiet"]
 
 
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:

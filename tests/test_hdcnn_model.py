@@ -256,7 +256,7 @@ def test_channels_last_matches_and_state_dict_roundtrip() -> None:
 
 
 def test_param_groups_keep_stacked_biases_and_norms_out_of_weight_decay() -> None:
-    from coarse2fine.hdcnn.pipeline import hdcnn_param_groups
+    from coarse2fine.recipes.hdcnn import hdcnn_param_groups
 
     model = make()
     decay, no_decay = hdcnn_param_groups(model)
@@ -271,7 +271,7 @@ def test_param_groups_keep_stacked_biases_and_norms_out_of_weight_decay() -> Non
 
 
 def test_compress_hdcnn_quantises_every_part() -> None:
-    from coarse2fine.hdcnn.evaluation import compress_hdcnn
+    from coarse2fine.hdcnn import compress_hdcnn
 
     torch.manual_seed(0)
     model = HDCNN(TinyBlock(6, width=32), SETS, "stage1").eval()
@@ -293,8 +293,8 @@ def test_compress_hdcnn_quantises_every_part() -> None:
 
 
 def test_compress_hdcnn_rear_leaves_shared_layers_and_counts_rear_bytes() -> None:
-    from coarse2fine.hdcnn.compression import state_bytes
-    from coarse2fine.hdcnn.evaluation import compress_hdcnn
+    from coarse2fine.compress import state_bytes
+    from coarse2fine.hdcnn import compress_hdcnn
 
     torch.manual_seed(0)
     model = HDCNN(TinyBlock(6, width=32), SETS, "stage1").eval()
@@ -314,8 +314,8 @@ def test_compress_hdcnn_rear_leaves_shared_layers_and_counts_rear_bytes() -> Non
 
 
 def test_compressed_fine_components_save_codes_and_load_back() -> None:
-    from coarse2fine.hdcnn.compression import apply_compression_structure, state_bytes
-    from coarse2fine.hdcnn.evaluation import compress_hdcnn
+    from coarse2fine.compress import apply_compression_structure, state_bytes
+    from coarse2fine.hdcnn import compress_hdcnn
 
     torch.manual_seed(0)
     model = HDCNN(TinyBlock(6, width=32), SETS, "stage1").eval()

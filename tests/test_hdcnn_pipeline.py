@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ import torch
 import yaml
 
 from coarse2fine.config import RunConfig, load_config, to_dict
+from coarse2fine.data import LocalLabelView
 from coarse2fine.engine.checkpoint import load_checkpoint
 from coarse2fine.errors import CheckpointError, ConfigError, ModelError
-from coarse2fine.hdcnn import HDCNN, pipeline
+from coarse2fine.hdcnn import HDCNN
+from coarse2fine.models import register_model, unregister_model
+from coarse2fine.recipes import hdcnn as pipeline
 from test_hdcnn_helpers import TinyBlock, write_fashion_mnist
 
 
@@ -46,6 +50,7 @@ def make_cfg(tmp_path: Path, *overrides: str) -> RunConfig:
             "hdcnn.fine_epochs=1",
             "hdcnn.finetune_epochs=1",
             "hdcnn.beta_sweep=[1.0, 2.0]",
+            "model.name=test_tiny_block",
             *overrides,
         ],
     )
@@ -63,15 +68,16 @@ def _record_fits(monkeypatch: pytest.MonkeyPatch) -> list[dict]:  # also a Monke
     return calls
 
 
-def _tiny_create(cfg: RunConfig, num_classes: int, in_chans: int, *, load_files: bool = True) -> TinyBlock:
-    torch.manual_seed(cfg.seed)
+def _tiny_create(num_classes: int, in_chans: int, **kwargs: object) -> TinyBlock:
     return TinyBlock(num_classes, in_chans, width=8)
 
 
-@pytest.fixture
-def tiny_block(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def tiny_block() -> Iterator[None]:
     """The building block of the recipe is a tiny stand-in (the factory's VGG would be too slow here)."""
-    monkeypatch.setattr(pipeline, "_create_block", _tiny_create)
+    register_model("test_tiny_block", _tiny_create, replace=True)
+    yield
+    unregister_model("test_tiny_block")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,6 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, dict]
     """One complete pipeline run shared by the tests below (they copy it before changing anything)."""
     tmp = tmp_path_factory.mktemp("hdcnn")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "_create_block", _tiny_create)
         cfg = make_cfg(tmp)
         calls = _record_fits(mp)
         report = pipeline.run_pipeline(cfg, progress=False)
@@ -120,14 +125,14 @@ def test_pipeline_end_to_end(finished: tuple[RunConfig, dict], tiny_block: None)
     assert comp["classes"] == [h["class_names"][j] for j in h["partial_sets"][0]]
 
     # the checkpoint rebuilds through the lead's build.load_trained (method: hdcnn)
-    from coarse2fine.build import load_trained
+    from coarse2fine.recipes import load_trained
 
     trained = load_trained(run / "hdcnn.pt")
     assert isinstance(trained.model, HDCNN) and trained.classes == report["classes"]
     x = torch.randn(2, 1, 28, 28)
     assert torch.allclose(trained.model(x)["probs"].sum(1), torch.ones(2), atol=1e-5)
     ckpt = load_checkpoint(run / "hdcnn.pt")
-    assert ckpt["metadata"]["branch_stage"] == "stage1" and "data_stats" in ckpt["metadata"]
+    assert ckpt["metadata"]["hdcnn"]["branch_stage"] == "stage1" and "data_stats" in ckpt["metadata"]
 
 
 def test_skip_when_exists_resume_and_cli(
@@ -158,21 +163,21 @@ def test_skip_when_exists_resume_and_cli(
 
     out = tmp_path / "eval.json"
     args = ["hdcnn", "eval", "--checkpoint", str(run / "hdcnn.pt"), "--beta", "1.5", "--out", str(out)]
-    assert main([*args, "--no-progress"]) == 0
+    assert main([*args, "--quiet"]) == 0
     assert [r["beta"] for r in json.loads(out.read_text())["beta_sweep"]] == [None, 1.5]
 
 
 def test_c2f_compress_hdcnn_stores_fine_codes_and_loads_back(
     finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from coarse2fine.build import load_trained
     from coarse2fine.cli import main
+    from coarse2fine.recipes import load_trained
 
     cfg, _ = finished
     src = cfg.run_dir / "hdcnn.pt"
     out = tmp_path / "hdcnn_pq.pt"
     layers = ["fine.body.0=2:4:columns", "coarse.body.0=2:4"]
-    args = ["compress", "--checkpoint", str(src), "--layers", *layers, "--out", str(out), "--eval", "--no-progress"]
+    args = ["compress", "--checkpoint", str(src), "--layers", *layers, "--out", str(out), "--eval", "--quiet"]
     assert main([*args, "--backend", "torch"]) == 0  # batched torch k-means for every part
     text = capsys.readouterr().out
     assert "rear layers (coarse + fine components)" in text and "fine 2" in text and "test top-1" in text
@@ -190,7 +195,7 @@ def test_c2f_compress_hdcnn_stores_fine_codes_and_loads_back(
     again = main(["eval", "--checkpoint", str(out), "--out", str(tmp_path / "ev")])
     assert again == 0 and f"{100 * after:.2f}" in capsys.readouterr().out
     sweep = tmp_path / "sweep.json"  # conditional execution on the compressed model
-    assert main(["hdcnn", "eval", "--checkpoint", str(out), "--beta", "1.5", "--out", str(sweep), "--no-progress"]) == 0
+    assert main(["hdcnn", "eval", "--checkpoint", str(out), "--beta", "1.5", "--out", str(sweep), "--quiet"]) == 0
     rows = json.loads(sweep.read_text())["beta_sweep"]
     assert rows[0]["top1"] == pytest.approx(after) and rows[1]["components_run"] <= 3.0
     # a layer name without its part is a clear error
@@ -212,7 +217,7 @@ def test_cli_fit_reuses_block_checkpoint(
     recipe.write_text(yaml.safe_dump(to_dict(make_cfg(tmp_path, "name=reuse"))))
     calls = _record_fits(monkeypatch)
     sets = [f"hdcnn.block_checkpoint={block}", "hdcnn.finetune_epochs=0", "hdcnn.fine_epochs=0", "hdcnn.beta_sweep=[]"]
-    argv = ["hdcnn", "fit", "--config", str(recipe), "--no-progress"]
+    argv = ["hdcnn", "fit", "--config", str(recipe), "--quiet"]
     assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
     assert calls == []  # block reused, no fine-component or fine-tuning epochs
     report = json.loads((tmp_path / "runs" / "reuse" / "hdcnn_report.json").read_text())
@@ -230,7 +235,7 @@ def test_local_label_view() -> None:
     from coarse2fine.data.base import InMemoryDataset
 
     ds = InMemoryDataset(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), [0, 1, 2, 3, 2, 0], list("abcd"), source="t")
-    view = pipeline.LocalLabelView(ds, [2, 3])
+    view = LocalLabelView(ds, [2, 3])
     assert view.classes == ["c", "d"] and len(view) == 3
     assert view.targets.tolist() == [0, 1, 0]
     assert [view[i][1] for i in range(3)] == [0, 1, 0]
@@ -256,7 +261,7 @@ def test_bad_checkpoints(
 
     # a plain block checkpoint is not an HD-CNN: clean error naming the file, exit 2
     block = finished[0].run_dir / "block.pt"
-    assert main(["hdcnn", "eval", "--checkpoint", str(block), "--no-progress"]) == 2
+    assert main(["hdcnn", "eval", "--checkpoint", str(block), "--quiet"]) == 2
     assert "hierarchy" in capsys.readouterr().err
     # a building block of another architecture for these classes
     other = tmp_path / "other.pt"

@@ -108,19 +108,21 @@ def test_herbs_on_timm_swin_at_another_input_size() -> None:
 
 
 def test_pretrained_file_mismatch_reaches_the_user(tmp_path, capsys) -> None:
-    from coarse2fine.build import build_model_and_objective
+    from coarse2fine.facts import RunFacts
+    from coarse2fine.recipes import build_model_and_objective
 
     bad = tmp_path / "weights.pt"
     torch.save({"not_a_layer.weight": torch.zeros(3)}, bad)
     cfg = load_config("configs/herbs_fashion_mnist.yaml", [f"model.pretrained_file={bad}"])
     with pytest.raises(ModelError):
-        build_model_and_objective(cfg, 10, {"in_chans": 1, "image_size": 28})
+        stats = {"mean": [0.5], "std": [0.5]}
+        facts = RunFacts(in_chans=1, image_size=28, data_stats=stats, classes=list("abcdefghij"))
+        build_model_and_objective(cfg, facts)
 
 
 def test_train_checkpoint_explain_end_to_end(tmp_path, capsys) -> None:
-    from coarse2fine.build import load_trained
     from coarse2fine.cli import main
-    from coarse2fine.workflow import train_run
+    from coarse2fine.recipes import load_trained, train_run
 
     data = tmp_path / "fmnist"
     data.mkdir()

@@ -13,10 +13,16 @@ import pytest
 import torch
 from torch import nn
 
+from coarse2fine import recipes as B
 from coarse2fine.cli import main
-from coarse2fine.cli.hierarchy import compressed_checkpoint, learn_and_save, print_hierarchy_report
-from coarse2fine.hdcnn.compression import compress_model, compression_of, load_compressed_state
+from coarse2fine.cli.hierarchy import print_hierarchy_report
+from coarse2fine.compress import compress_model, compression_of, load_compressed_state
+from coarse2fine.config import HDCNNConfig, load_config, to_dict
 from coarse2fine.hierarchy import Hierarchy
+from coarse2fine.models import register_model, unregister_model
+from coarse2fine.recipes import load_trained
+from coarse2fine.recipes.compress import compressed_checkpoint
+from coarse2fine.recipes.hierarchy import learn_from_probs, write_hierarchy
 
 FINE = ["apple", "pear", "rose", "tulip", "bus", "train"]
 COARSE = ["fruit", "flowers", "vehicles"]  # fine f belongs to coarse f // 2
@@ -31,7 +37,8 @@ def test_learn_and_save_writes_everything(tmp_path, capsys) -> None:
     probs *= rng.uniform(0.3, 1.7, probs.shape)
     probs /= probs.sum(1, keepdims=True)
     reference = {c: FINE[2 * i : 2 * i + 2] for i, c in enumerate(COARSE)}
-    report = learn_and_save(probs, targets, FINE, tmp_path / "out", num_coarse=3, reference=reference)
+    h = learn_from_probs(probs, targets, FINE, HDCNNConfig(num_coarse=3), seed=0)
+    report = write_hierarchy(h, probs, targets, tmp_path / "out", reference=reference)
     assert report["reference"]["scores"]["ari"] == 1.0
     assert sorted(map(sorted, report["groups"])) == sorted(map(sorted, reference.values()))
     h = Hierarchy.load(tmp_path / "out" / "hierarchy.json", class_names=FINE)
@@ -96,26 +103,21 @@ class TinyNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory) -> Iterator[Path]:
-    """A checkpoint in the engine's format for a small net, through the lead's integration layer."""
-    try:
-        import coarse2fine.build as B
-    except ImportError as exc:  # the integration layer or the model factory is not there yet
-        pytest.skip(f"integration layer unavailable: {exc}")
+    """A checkpoint in the engine's format for a small net registered in the model factory."""
     tmp_path = tmp_path_factory.mktemp("cli")
-    with pytest.MonkeyPatch.context() as mp:  # the factory gives a small net (shared by the tests)
-        mp.setattr(B, "create_model", lambda name, **kw: TinyNet(**kw))
-        yield _make_checkpoint(tmp_path)
+    register_model("test_tiny_net", lambda **kw: TinyNet(**kw), replace=True)
+    yield _make_checkpoint(tmp_path)
+    unregister_model("test_tiny_net")
 
 
 def _make_checkpoint(tmp_path: Path) -> Path:
-    import coarse2fine.build as B
-    from coarse2fine.config import load_config, to_dict
 
     write_cifar100(tmp_path / "data")
     cfg = load_config(
         None,
         [
             "name=tiny",
+            "model.name=test_tiny_net",
             f"out_dir={tmp_path / 'runs'}",
             "data.name=cifar100",
             f"data.root={tmp_path / 'data'}",
@@ -127,7 +129,7 @@ def _make_checkpoint(tmp_path: Path) -> Path:
         ],
     )
     bundle = B.build_datasets(cfg)
-    model = B.build_model(cfg, len(bundle.classes), bundle.metadata())
+    model = B.build_model_and_objective(cfg, bundle.facts())[0]
     torch.manual_seed(0)
     # a quick fit so that the block's mistakes mean something
     loaders = B.build_loaders(cfg, bundle)
@@ -147,7 +149,7 @@ def _make_checkpoint(tmp_path: Path) -> Path:
             "epoch": 3,
             "config": to_dict(cfg),
             "classes": bundle.classes,
-            "metadata": bundle.metadata(),
+            "metadata": bundle.facts().to_dict(),
         },
         path,
     )
@@ -155,7 +157,7 @@ def _make_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_c2f_hierarchy_end_to_end(trained_checkpoint, tmp_path, capsys) -> None:
-    rc = main(["hierarchy", "--checkpoint", str(trained_checkpoint), "--no-progress", "--gamma", "3"])
+    rc = main(["hierarchy", "--checkpoint", str(trained_checkpoint), "--quiet", "--gamma", "3"])
     assert rc == 0
     run_dir = trained_checkpoint.parent.parent
     h = Hierarchy.load(run_dir / "hierarchy.json", class_names=FINE)
@@ -180,7 +182,7 @@ def test_c2f_hierarchy_end_to_end(trained_checkpoint, tmp_path, capsys) -> None:
             str(ref),
             "--out",
             str(tmp_path / "h2"),
-            "--no-progress",
+            "--quiet",
         ]
     )
     assert rc == 0
@@ -195,11 +197,11 @@ def test_c2f_hierarchy_end_to_end(trained_checkpoint, tmp_path, capsys) -> None:
 def test_c2f_hierarchy_bad_input(trained_checkpoint, tmp_path, capsys) -> None:
     assert main(["hierarchy", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt" in capsys.readouterr().err
-    assert main(["hierarchy", "--checkpoint", str(trained_checkpoint), "--num-coarse", "9", "--no-progress"]) == 2
+    assert main(["hierarchy", "--checkpoint", str(trained_checkpoint), "--num-coarse", "9", "--quiet"]) == 2
     assert "K=9" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")
-    assert main(["hierarchy", "--checkpoint", str(trained_checkpoint), "--reference", str(bad), "--no-progress"]) == 2
+    assert main(["hierarchy", "--checkpoint", str(trained_checkpoint), "--reference", str(bad), "--quiet"]) == 2
     assert "bad.json" in capsys.readouterr().err
 
 
@@ -215,7 +217,7 @@ def test_c2f_compress_end_to_end(trained_checkpoint, tmp_path, capsys) -> None:
             "--out",
             str(out),
             "--eval",
-            "--no-progress",
+            "--quiet",
         ]
     )
     assert rc == 0
@@ -226,9 +228,8 @@ def test_c2f_compress_end_to_end(trained_checkpoint, tmp_path, capsys) -> None:
     assert "optimizer" not in ckpt and compression_of(ckpt) == {"classifier.1": [4, 16]}
     assert set(ckpt["compression_eval"]) == {"before", "after"}
     # the compressed checkpoint loads back and gives the same accuracy
-    from coarse2fine.cli.hierarchy import load_model
-
-    model, _, classes, _ = load_model(out)
+    trained = load_trained(out)
+    model, classes = trained.model, trained.classes
     assert classes == FINE and hasattr(model.classifier[1], "codes")
     # compressing twice, or over the input, is refused
     assert main(["compress", "--checkpoint", str(out), "--auto"]) == 2
@@ -244,13 +245,11 @@ def test_c2f_compress_end_to_end(trained_checkpoint, tmp_path, capsys) -> None:
 def test_c2f_compress_auto_rule_options(trained_checkpoint, tmp_path, capsys) -> None:
     out = tmp_path / "pq_axis.pt"
     args = ["compress", "--checkpoint", str(trained_checkpoint), "--auto", "--axis", "columns"]
-    assert main([*args, "--linear", "4:8", "--out", str(out), "--no-progress"]) == 0
+    assert main([*args, "--linear", "4:8", "--out", str(out), "--quiet"]) == 0
     assert "columns" in capsys.readouterr().out
     spec = compression_of(torch.load(out, weights_only=True))
     assert spec and all(sk[2] == "columns" and sk[1] <= 8 for sk in spec.values())
-    from coarse2fine.cli.hierarchy import load_model
-
-    model, _, _, _ = load_model(out)  # the transposed codes load back into their layers
+    model = load_trained(out).model  # the transposed codes load back into their layers
     assert all(getattr(m, "axis", "columns") == "columns" for m in model.modules() if hasattr(m, "codes"))
     assert main([*args, "--linear", "4", "--out", str(tmp_path / "x.pt")]) == 2
     assert "NAME=S:K" in capsys.readouterr().err

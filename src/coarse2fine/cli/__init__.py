@@ -1,17 +1,17 @@
-"""``c2f``: the command line. Each sub-module registers its sub-commands."""
+"""``c2f``: the command line. Each verb module parses its options, calls the recipes and prints."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
+from coarse2fine.cli import compress, demo, explain, hdcnn, hierarchy, models, predict, train
+from coarse2fine.cli import eval as eval_
 from coarse2fine.errors import C2FError
 
-# Sub-modules that define ``register(subparsers)``; each owns its commands.
-COMMAND_MODULES = ("core", "hierarchy", "hdcnn", "herbs")
+VERBS = (train, eval_, predict, models, demo, hierarchy, compress, hdcnn, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,14 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"coarse2fine.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"coarse2fine.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+    for verb in VERBS:
+        verb.register(sub)
     return parser
 
 

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from coarse2fine.cli.common import add_quiet, add_set, pct
+from coarse2fine.config import load_config
+from coarse2fine.engine.checkpoint import atomic_write_json, check_classes
 from coarse2fine.errors import CheckpointError
+from coarse2fine.hdcnn import HDCNN
+from coarse2fine.hierarchy import Hierarchy
+from coarse2fine.recipes import build_datasets, build_loaders, load_trained
+from coarse2fine.recipes.hdcnn import run_pipeline
+from coarse2fine.recipes.hdcnn_report import evaluate_hdcnn, reference_taxonomy
 
 
 def register(subparsers: Any) -> None:
@@ -26,20 +34,13 @@ def register(subparsers: Any) -> None:
         "command resumes an interrupted stage and skips finished ones.",
     )
     fit.add_argument("--config", required=True, help="a recipe, e.g. configs/hdcnn_fashion_mnist.yaml")
-    fit.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set hdcnn.num_coarse=3 (repeatable)",
-    )
+    add_set(fit, "a recipe value, e.g. --set hdcnn.num_coarse=3")
     fit.add_argument(
         "--restart",
         action="store_true",
         help="retrain every stage from scratch instead of reusing finished stages",
     )
-    fit.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_quiet(fit)
     fit.set_defaults(func=run_fit)
 
     ev = sub.add_parser(
@@ -56,21 +57,14 @@ def register(subparsers: Any) -> None:
         metavar="BETA",
         help="conditional execution threshold 1/(beta K) to sweep (repeatable); default: the recipe's hdcnn.beta_sweep",
     )
-    ev.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the checkpoint's config, e.g. data.root=/data",
-    )
+    add_set(ev, "a value of the checkpoint's config, e.g. data.root=/data")
     ev.add_argument("--out", default=None, help="write the report JSON here")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_quiet(ev)
     ev.set_defaults(func=run_eval)
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
+    return pct(v, suffix="")
 
 
 def _print_sweep(report: dict[str, Any]) -> None:
@@ -118,11 +112,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from coarse2fine.config import load_config
-    from coarse2fine.hdcnn.pipeline import run_pipeline
-
     cfg = load_config(args.config, args.overrides)
-    report = run_pipeline(cfg, resume=not args.restart, progress=not args.no_progress)
+    report = run_pipeline(cfg, resume=not args.restart, progress=not args.quiet)
     if "rank" in report:  # another process of a torchrun launch: rank 0 evaluates and prints
         return 0
     print_report(report)
@@ -131,45 +122,29 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from coarse2fine.build import build_datasets, build_loaders
-    from coarse2fine.config import apply_overrides, config_from_dict
-    from coarse2fine.engine.checkpoint import check_compatible, load_checkpoint
-    from coarse2fine.hdcnn.compression import apply_compression_structure, compression_of
-    from coarse2fine.hdcnn.pipeline import build_hdcnn_model, evaluate_hdcnn, reference_taxonomy
-    from coarse2fine.hierarchy import Hierarchy
-
-    ckpt = load_checkpoint(args.checkpoint)
-    for key in ("config", "classes", "metadata", "model"):
-        if key not in ckpt:
-            raise CheckpointError(f"checkpoint {args.checkpoint!r} has no {key!r}: not written by c2f hdcnn fit")
-    cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), args.overrides))
-    classes = list(ckpt["classes"])
-    model = build_hdcnn_model(cfg, classes, ckpt["metadata"])
-    spec = compression_of(ckpt)
-    if spec:  # written by c2f compress: rebuild the quantised layers / fine-component codes first
-        apply_compression_structure(model, spec)
-    check_compatible(ckpt, classes, model, args.checkpoint)
-    model.load_state_dict(ckpt["model"])
-    h = Hierarchy.from_dict(ckpt["metadata"]["hierarchy"], source=args.checkpoint)
+    trained = load_trained(args.checkpoint, overrides=args.overrides)
+    model, cfg = trained.model, trained.cfg
+    if not isinstance(model, HDCNN) or trained.facts.hdcnn is None:
+        raise CheckpointError(
+            f"checkpoint {args.checkpoint!r} holds a {type(model).__name__} without an HD-CNN hierarchy: "
+            "not written by c2f hdcnn fit"
+        )
+    h = Hierarchy.from_dict(trained.facts.hdcnn.hierarchy, source=args.checkpoint)
     bundle = build_datasets(cfg)
-    if list(bundle.classes) != classes:
-        raise CheckpointError(f"checkpoint {args.checkpoint!r} was trained on other classes than the data's")
-    loaders = build_loaders(cfg, bundle)
+    check_classes(trained.classes, bundle.classes, f"checkpoint {args.checkpoint!r}")
     betas = args.beta if args.beta is not None else cfg.hdcnn.beta_sweep
     report = evaluate_hdcnn(
         cfg,
         model,
         h,
-        loaders.test,
+        build_loaders(cfg, bundle).test,
         betas=betas,
-        progress=not args.no_progress,
+        progress=not args.quiet,
         reference=reference_taxonomy(cfg, bundle),
     )
     report.update(groups=h.groups(), partial_sets=h.partial_groups(), checkpoint=args.checkpoint)
     print_report(report)
     if args.out:
-        from coarse2fine.engine.checkpoint import atomic_write_json
-
         atomic_write_json(args.out, report)
         print(f"\nreport: {args.out}")
     return 0

@@ -349,6 +349,33 @@ def subset(dataset: Any, indices: Any) -> DatasetView:
     return DatasetView(dataset, indices)
 
 
+class LocalLabelView(DatasetView):
+    """The images of ``base`` whose label is in ``members``, relabelled 0..|S_k|-1
+    (a fine component's training set, METHODS.md §2.3)."""
+
+    def __init__(self, base: Any, members: Sequence[int]) -> None:
+        targets = np.asarray(base.targets)
+        idx = np.flatnonzero(np.isin(targets, members))
+        view = subset(base, idx)
+        super().__init__(view.base, view.indices)
+        remap = np.full(len(base.classes), -1, dtype=np.int64)
+        remap[np.asarray(members)] = np.arange(len(members))
+        self.remap = remap
+        self.targets = remap[np.asarray(self.targets)]
+        self.classes = [base.classes[j] for j in members]
+
+    def __getitem__(self, index: int) -> Any:
+        item = super().__getitem__(index)
+        if isinstance(item, tuple):
+            return item[0], int(self.remap[item[1]])
+        return item
+
+
+def class_counts(dataset: Any, num_classes: int) -> np.ndarray:
+    """Images per class of ``dataset``, ``num_classes`` long."""
+    return np.bincount(np.asarray(dataset.targets, dtype=np.int64), minlength=num_classes)
+
+
 def resolve_memory(dataset: Any) -> tuple[torch.Tensor, np.ndarray | None]:
     """The uint8 image tensor behind an in-memory dataset or view, and the view's indices into it."""
     if isinstance(dataset, DatasetView):

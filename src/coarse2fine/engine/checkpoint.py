@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from coarse2fine.engine.distributed import unwrap
 from coarse2fine.errors import CheckpointError
 
 
@@ -126,6 +127,16 @@ def _name(path: str | Path | None) -> str:
     return repr(str(path)) if path is not None else "(in memory)"
 
 
+def check_classes(saved: Sequence[str], classes: Sequence[str], where: str, other: str = "the data") -> None:
+    """The one class-list check: ``saved`` (a checkpoint's) must equal ``classes`` (``other``'s), in order."""
+    saved, classes = list(saved), list(classes)
+    if len(saved) != len(classes):
+        raise CheckpointError(f"{where} was trained on {len(saved)} classes, {other} has {len(classes)}")
+    for i, (a, b) in enumerate(zip(saved, classes)):
+        if a != b:
+            raise CheckpointError(f"{where}: class {i} is {a!r} in the checkpoint but {b!r} in {other}")
+
+
 def check_compatible(
     checkpoint: Mapping[str, Any],
     classes: Sequence[str] | None,
@@ -136,16 +147,9 @@ def check_compatible(
     where = f"checkpoint {_name(path)}"
     saved = checkpoint.get("classes")
     if classes is not None and saved is not None:
-        classes = list(classes)
-        if len(saved) != len(classes):
-            raise CheckpointError(f"{where} was trained on {len(saved)} classes, the data has {len(classes)}")
-        for i, (a, b) in enumerate(zip(saved, classes)):
-            if a != b:
-                raise CheckpointError(f"{where}: class {i} is {a!r} in the checkpoint but {b!r} in the data")
+        check_classes(saved, classes, where)
     if model is None:
         return
-    from coarse2fine.engine.distributed import unwrap
-
     state = model_state_of(checkpoint, path)
     own = unwrap(model).state_dict()
     missing = [k for k in own if k not in state]

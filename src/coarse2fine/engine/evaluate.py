@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from coarse2fine.engine import distributed as du
 from coarse2fine.engine.checkpoint import atomic_write, atomic_write_json
 from coarse2fine.engine.objective import Objective, heads_of, logits_of
+from coarse2fine.errors import ConfigError
 
 
 @dataclass
@@ -87,6 +88,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def apply_threads(threads: int | None) -> None:
+    """``train.threads``: the number of CPU threads torch uses (None leaves torch's choice); the one
+    place the setting is applied (training, evaluation and loading a checkpoint call it)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def autocast_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on CUDA, off on CPU; ``bf16``/``fp16``: that dtype; ``off``/None: full precision."""
     amp = (amp or "off").lower()
@@ -98,8 +106,6 @@ def autocast_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if amp == "off":
         return None
-    from coarse2fine.errors import ConfigError
-
     raise ConfigError(f"train.amp: unknown value {amp!r}; choose auto, bf16, fp16 or off")
 
 

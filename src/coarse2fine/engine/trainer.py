@@ -55,7 +55,7 @@ from coarse2fine.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from coarse2fine.engine.evaluate import autocast, autocast_dtype, evaluate, resolve_device, to_device
+from coarse2fine.engine.evaluate import apply_threads, autocast, autocast_dtype, evaluate, resolve_device, to_device
 from coarse2fine.engine.objective import Objective, logits_of
 from coarse2fine.engine.optim import Scheduler, build_optimizer, build_scheduler
 from coarse2fine.errors import C2FError, CheckpointError, ConfigError
@@ -428,8 +428,7 @@ def fit(
     hint = resume_hint or f"run the same command again with resume enabled (fit(..., resume=True), run_dir={run_dir})"
     device = resolve_device(train_cfg.device)
     dtype = autocast_dtype(train_cfg.amp, device)
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
+    apply_threads(train_cfg.threads)
     num_classes = len(classes)
 
     with _determinism(train_cfg.deterministic, device), _StopRequest() as stop:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from coarse2fine.compress.quantize import dequantise, oriented, pq_buffers
 from coarse2fine.errors import HierarchyError, ModelError
 
 log = logging.getLogger(__name__)
@@ -212,9 +213,7 @@ class FineComponents(nn.Module):
 
     def apply_pq_structure(self, name: str, s: int, k: int, axis: str = "rows") -> None:
         """Empty code / centre buffers (K of each) for the stacked weight ``name``, so that a compressed
-        ``state_dict`` loads (:func:`~coarse2fine.hdcnn.compression.apply_compression_structure`)."""
-        from coarse2fine.hdcnn.compression import pq_buffers
-
+        ``state_dict`` loads (:func:`~coarse2fine.compress.apply_compression_structure`)."""
         if name not in self._param_names or self.template.get_parameter(name).dim() < 2:
             weights = [n for n in self._param_names if self.template.get_parameter(n).dim() >= 2]
             raise ModelError(f"fine components: no weight named {name!r} to quantise; weights: {', '.join(weights)}")
@@ -235,8 +234,6 @@ class FineComponents(nn.Module):
         getattr(self, _mangle(name)).copy_(self._fold(name, self._dequantised(name)))
 
     def _dequantised(self, name: str, codes: Tensor | None = None, centers: Tensor | None = None) -> Tensor:
-        from coarse2fine.hdcnn.compression import dequantise, oriented
-
         axis = self._pq[name][2]
         codes = getattr(self, f"{_mangle(name)}__codes") if codes is None else codes
         centers = getattr(self, f"{_mangle(name)}__centers") if centers is None else centers

@@ -1,6 +1,4 @@
-"""HD-CNN's learned category hierarchy (SPEC 2.1): plain data, numpy + scikit-learn + matplotlib."""
-
-from typing import Any
+"""HD-CNN's learned category hierarchy (METHODS.md §2.1): plain data, numpy + scikit-learn + matplotlib."""
 
 from coarse2fine.hierarchy.compare import compare_to_reference, mistake_severity, reference_coarse_of
 from coarse2fine.hierarchy.learn import (
@@ -14,6 +12,7 @@ from coarse2fine.hierarchy.learn import (
     partial_sets,
     spectral_affinity,
 )
+from coarse2fine.hierarchy.plot import plot_hierarchy
 from coarse2fine.hierarchy.structure import Hierarchy, default_coarse_names, load_reference
 
 __all__ = [
@@ -35,11 +34,3 @@ __all__ = [
     "spectral_affinity",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """``plot_hierarchy`` is imported on first use (matplotlib is slow to import)."""
-    if name == "plot_hierarchy":
-        from coarse2fine.hierarchy.plot import plot_hierarchy
-
-        return plot_hierarchy
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,14 @@
 """Building blocks: VGG (SPEC §1), Network-in-Network (SPEC §2.4) and any timm model, as Backbones."""
 
 from coarse2fine.models.base import Backbone, StageInfo
-from coarse2fine.models.factory import create_model, list_models, load_pretrained_file, model_summary
+from coarse2fine.models.factory import (
+    create_model,
+    list_models,
+    load_pretrained_file,
+    model_summary,
+    register_model,
+    unregister_model,
+)
 from coarse2fine.models.nin import NIN
 from coarse2fine.models.timm_backbone import TimmBackbone
 from coarse2fine.models.utils import reset_last_layer
@@ -20,5 +27,7 @@ __all__ = [
     "list_models",
     "load_pretrained_file",
     "model_summary",
+    "register_model",
     "reset_last_layer",
+    "unregister_model",
 ]

@@ -20,6 +20,20 @@ from coarse2fine.models.vgg import VGG_MODELS
 _REGISTRY: dict[str, Callable[..., Backbone]] = {**VGG_MODELS, "nin": NIN}
 
 
+def register_model(name: str, builder: Callable[..., Backbone], *, replace: bool = False) -> None:
+    """Make ``builder(num_classes=..., in_chans=..., **kwargs) -> Backbone`` available as ``model.name``."""
+    if name.startswith(PREFIX):
+        raise ModelError(f"model name {name!r}: the prefix {PREFIX!r} is reserved for timm models")
+    if name in _REGISTRY and not replace:
+        raise ModelError(f"model {name!r} is already registered (pass replace=True to replace it)")
+    _REGISTRY[name] = builder
+
+
+def unregister_model(name: str) -> None:
+    """Remove a model added with :func:`register_model`."""
+    _REGISTRY.pop(name, None)
+
+
 def list_models() -> list[str]:
     """Our model names; any timm model is also available as ``timm/<name>``."""
     return sorted(_REGISTRY)

@@ -1,4 +1,4 @@
-"""HD-CNN staged training and evaluation (SPEC 2.1, 2.3, 2.4), every stage checkpointed.
+"""HD-CNN staged training (METHODS.md §2.1, §2.3), every stage checkpointed, then its test report.
 
 Stages, each under ``runs/<name>/`` and skipped when its output exists (``resume=True``):
 
@@ -34,31 +34,20 @@ import torch
 from torch import nn
 
 from coarse2fine.config import RunConfig, to_dict
-from coarse2fine.data.base import DatasetView, subset
+from coarse2fine.data import LocalLabelView, class_counts
 from coarse2fine.engine import distributed as du
-from coarse2fine.engine.checkpoint import (
-    atomic_write_json,
-    check_compatible,
-    load_checkpoint,
-    save_checkpoint,
-)
-from coarse2fine.engine.evaluate import evaluate, predict_proba, resolve_device
+from coarse2fine.engine.checkpoint import atomic_write_json, check_compatible, load_checkpoint, save_checkpoint
+from coarse2fine.engine.evaluate import apply_threads, predict_proba
 from coarse2fine.engine.objective import CrossEntropyObjective
 from coarse2fine.engine.trainer import fit
-from coarse2fine.errors import CheckpointError, ConfigError, HierarchyError
-from coarse2fine.hdcnn.evaluation import inference_pass, peak_memory_bytes, plot_tradeoff
-from coarse2fine.hdcnn.model import HDCNN, split_block
-from coarse2fine.hdcnn.objective import HDCNNObjective
-from coarse2fine.hierarchy import (
-    COARSE_TARGET_RULES,
-    Hierarchy,
-    coarse_targets,
-    compare_to_reference,
-    confusion_matrix,
-    learn_hierarchy,
-    load_reference,
-    mistake_severity,
-)
+from coarse2fine.errors import ConfigError, HierarchyError
+from coarse2fine.facts import HDCNNFacts, RunFacts
+from coarse2fine.hdcnn import HDCNN, HDCNNObjective, plot_tradeoff, split_block
+from coarse2fine.hierarchy import COARSE_TARGET_RULES, Hierarchy, coarse_targets
+from coarse2fine.recipes.data import DataBundle, Loaders, build_datasets, build_loaders
+from coarse2fine.recipes.hdcnn_report import evaluate_hdcnn, reference_taxonomy
+from coarse2fine.recipes.hierarchy import learn_from_probs, write_hierarchy
+from coarse2fine.recipes.models import build_backbone, build_hdcnn_model
 
 log = logging.getLogger(__name__)
 
@@ -107,76 +96,16 @@ class StagePaths:
 # ---- model construction -------------------------------------------------------------------------
 
 
-def _in_chans(bundle: Any) -> int:
-    return int(getattr(bundle, "num_channels", None) or getattr(bundle.train, "num_channels", 3))
-
-
-def _plain(cfg: RunConfig) -> RunConfig:
-    return dataclasses.replace(cfg, method="plain")
-
-
-def _create_block(cfg: RunConfig, num_classes: int, in_chans: int, *, load_files: bool = True) -> nn.Module:
-    """The building block of ``cfg.model`` (with its local weights files when ``load_files``)."""
-    from coarse2fine.build import build_backbone
-
-    return build_backbone(_plain(cfg), num_classes, in_chans, load_files=load_files)
-
-
-def hdcnn_metadata(
-    cfg: RunConfig, h: Hierarchy, in_chans: int, t: Sequence[float], data: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild the HD-CNN and its loss (JSON-able), plus the data's metadata."""
-    return {
-        **(data or {}),
-        "method": "hdcnn",
-        "hierarchy": h.to_dict(),
-        "branch_stage": cfg.hdcnn.branch_stage,
-        "block": cfg.model.name,
-        "in_chans": in_chans,
-        "coarse_targets": [float(v) for v in t],
-    }
-
-
-def build_hdcnn_model(cfg: RunConfig, classes: Sequence[str] | int, metadata: dict[str, Any]) -> HDCNN:
-    """An untrained HD-CNN with the architecture recorded in a checkpoint's ``metadata``.
-
-    ``classes``: the class names (checked against the hierarchy's) or just their number.
-    """
-    if not isinstance(metadata, dict) or "hierarchy" not in metadata:
-        raise CheckpointError("HD-CNN checkpoint metadata has no 'hierarchy': not written by c2f hdcnn fit")
-    h = Hierarchy.from_dict(metadata["hierarchy"], source="checkpoint metadata")
-    if isinstance(classes, int):
-        if classes != h.num_classes:
-            raise HierarchyError(f"the hierarchy has {h.num_classes} classes but the model needs {classes}")
-    else:
-        h.validate(classes)
-    if metadata.get("block", cfg.model.name) != cfg.model.name:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=metadata["block"]))
-    block = _create_block(cfg, h.num_classes, int(metadata.get("in_chans", 3)), load_files=False)
-    return HDCNN(
-        block,
-        h.partial_sets,
-        metadata.get("branch_stage", cfg.hdcnn.branch_stage),
-        class_names=h.class_names,
-        beta=cfg.hdcnn.beta,
-        fine_exec=cfg.hdcnn.fine_exec,
+def hdcnn_facts(cfg: RunConfig, h: Hierarchy, t: Sequence[float], data: RunFacts) -> RunFacts:
+    """The data's facts plus what rebuilds the HD-CNN and its loss (hierarchy, branch point, t_k)."""
+    return data.replace(
+        hdcnn=HDCNNFacts(
+            hierarchy=h.to_dict(),
+            branch_stage=cfg.hdcnn.branch_stage,
+            block=cfg.model.name,
+            coarse_targets=[float(v) for v in t],
+        )
     )
-
-
-def build_hdcnn_from_metadata(
-    cfg: RunConfig, classes: Sequence[str] | int, metadata: dict[str, Any]
-) -> tuple[HDCNN, HDCNNObjective]:
-    """(model, loss) for ``build.build_model_and_objective`` with ``method: hdcnn``.
-
-    The model is untrained (load the checkpoint's state dict into it); the loss uses the coarse
-    targets t_k stored in the metadata and ``hdcnn.consistency_weight``.
-    """
-    model = build_hdcnn_model(cfg, classes, metadata)
-    t = metadata.get("coarse_targets")
-    if t is None:  # uniform over the partial sets' sizes when the counts were not recorded
-        sizes = np.array([len(s) for s in model.partial_sets], dtype=np.float64)
-        t = sizes / sizes.sum()
-    return model, HDCNNObjective(t, cfg.hdcnn.consistency_weight)
 
 
 def hdcnn_param_groups(model: HDCNN) -> list[dict[str, Any]]:
@@ -197,34 +126,9 @@ def hdcnn_param_groups(model: HDCNN) -> list[dict[str, Any]]:
 # ---- data helpers --------------------------------------------------------------------------------
 
 
-class LocalLabelView(DatasetView):
-    """The images of ``base`` whose label is in ``members``, relabelled 0..|S_k|-1 (SPEC 2.3 step 2)."""
-
-    def __init__(self, base: Any, members: Sequence[int]) -> None:
-        targets = np.asarray(base.targets)
-        idx = np.flatnonzero(np.isin(targets, members))
-        view = subset(base, idx)
-        super().__init__(view.base, view.indices)
-        remap = np.full(len(base.classes), -1, dtype=np.int64)
-        remap[np.asarray(members)] = np.arange(len(members))
-        self.remap = remap
-        self.targets = remap[np.asarray(self.targets)]
-        self.classes = [base.classes[j] for j in members]
-
-    def __getitem__(self, index: int) -> Any:
-        item = super().__getitem__(index)
-        if isinstance(item, tuple):
-            return item[0], int(self.remap[item[1]])
-        return item
-
-
-def _local_bundle(bundle: Any, members: Sequence[int]) -> Any:
+def _local_bundle(bundle: DataBundle, members: Sequence[int]) -> DataBundle:
     train, val = LocalLabelView(bundle.train, members), LocalLabelView(bundle.val, members)
     return dataclasses.replace(bundle, train=train, val=val, test=val, classes=list(train.classes))
-
-
-def class_counts(dataset: Any, num_classes: int) -> np.ndarray:
-    return np.bincount(np.asarray(dataset.targets, dtype=np.int64), minlength=num_classes)
 
 
 # ---- stages ----------------------------------------------------------------------------------------
@@ -242,8 +146,7 @@ def _fit_stage(
     objective: Any,
     loaders: Any,
     run_dir: Path,
-    classes: Sequence[str],
-    metadata: dict[str, Any],
+    facts: RunFacts,
     *,
     resume: bool,
     progress: bool,
@@ -266,8 +169,8 @@ def _fit_stage(
         schedule_cfg=cfg.schedule,
         run_dir=run_dir,
         config_dict=to_dict(cfg),
-        classes=classes,
-        metadata=metadata,
+        classes=facts.classes,
+        metadata=facts.to_dict(),
         resume=resume and started,
         overwrite=not resume,
         param_groups=param_groups,
@@ -281,12 +184,12 @@ def _fit_stage(
     return ckpt
 
 
-def _final_checkpoint(model: nn.Module, cfg: RunConfig, classes: Sequence[str], metadata: dict, **extra: Any) -> dict:
+def _final_checkpoint(model: nn.Module, cfg: RunConfig, facts: RunFacts, **extra: Any) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "config": to_dict(cfg),
-        "classes": list(classes),
-        "metadata": metadata,
+        "classes": list(facts.classes),
+        "metadata": facts.to_dict(),
         **extra,
     }
 
@@ -316,11 +219,11 @@ def _warn_if_other_split(cfg: RunConfig, saved: Any, source: str) -> None:
 
 
 def stage_block(
-    cfg: RunConfig, bundle: Any, loaders: Any, paths: StagePaths, *, resume: bool, progress: bool
+    cfg: RunConfig, bundle: DataBundle, loaders: Loaders, paths: StagePaths, *, resume: bool, progress: bool
 ) -> tuple[nn.Module, str]:
     """Stage 1: the trained building block (weights loaded) and where it came from."""
     classes = list(bundle.classes)
-    block = _create_block(cfg, len(classes), _in_chans(bundle))
+    block = build_backbone(cfg, len(classes), bundle.num_channels)
     split_block(block, cfg.hdcnn.branch_stage)  # a wrong branch stage fails before any training
     source = cfg.hdcnn.block_checkpoint or (str(paths.block) if resume and paths.block.is_file() else None)
     if source is not None:
@@ -331,35 +234,34 @@ def stage_block(
         _warn_if_other_split(cfg, ckpt.get("config"), source)
         return block, source
     epochs = cfg.hdcnn.block_epochs or cfg.train.epochs
-    bcfg = _plain(_stage_cfg(cfg, epochs=epochs))
-    meta = {**bundle.metadata(), "stage": "block"}
+    bcfg = dataclasses.replace(_stage_cfg(cfg, epochs=epochs), method="plain")
+    facts = bundle.facts().replace(stage="block")
     ckpt = _fit_stage(
         bcfg,
         block,
         CrossEntropyObjective(cfg.train.label_smoothing),
         loaders,
         paths.run_dir / "block",
-        classes,
-        meta,
+        facts,
         resume=resume,
         progress=progress,
         desc="block",
     )
-    _save_on_main(_final_checkpoint(block, bcfg, classes, meta, epoch=ckpt.get("epoch")), paths.block)
+    _save_on_main(_final_checkpoint(block, bcfg, facts, epoch=ckpt.get("epoch")), paths.block)
     return block, str(paths.block)
 
 
 def stage_hierarchy(
     cfg: RunConfig,
     block: nn.Module,
-    bundle: Any,
-    loaders: Any,
+    bundle: DataBundle,
+    loaders: Loaders,
     paths: StagePaths,
     *,
     resume: bool,
     progress: bool,
 ) -> Hierarchy:
-    """Stage 2: the hierarchy from the block's held-out (validation) probabilities (SPEC 2.1)."""
+    """Stage 2: the hierarchy from the block's held-out (validation) probabilities (METHODS.md §2.1)."""
     classes = list(bundle.classes)
     if resume and paths.hierarchy.is_file():
         h = Hierarchy.load(paths.hierarchy, classes)
@@ -372,26 +274,10 @@ def stage_hierarchy(
             progress=progress and du.is_main_process(),
             desc="held-out probabilities",
         )
-        h = learn_hierarchy(
-            probs,
-            targets,
-            classes,
-            cfg.hdcnn.num_coarse,
-            method=cfg.hdcnn.clustering,
-            gamma=cfg.hdcnn.gamma,
-            max_partial_size=cfg.hdcnn.max_partial_size,
-            seed=cfg.seed,
-        )
+        h = learn_from_probs(probs, targets, classes, cfg.hdcnn, seed=cfg.seed)
         if du.is_main_process():  # every rank holds the same gathered probabilities, hence the same h
-            from coarse2fine.hierarchy import plot_hierarchy
-
-            plot_hierarchy(
-                h,
-                confusion_matrix(probs, targets, len(classes)),
-                paths.hierarchy_png,
-                title=f"{cfg.name}: learnt hierarchy (K={h.num_coarse})",
-            )
-            h.save(paths.hierarchy)
+            title = f"{cfg.name}: learnt hierarchy (K={h.num_coarse})"
+            write_hierarchy(h, probs, targets, paths.run_dir, reference=reference_taxonomy(cfg, bundle), title=title)
         du.barrier()
     if h.num_coarse > len(classes):
         raise HierarchyError(f"K={h.num_coarse} coarse categories exceeds the {len(classes)} classes")
@@ -401,16 +287,14 @@ def stage_hierarchy(
 def stage_fine_components(
     cfg: RunConfig,
     model: HDCNN,
-    bundle: Any,
+    bundle: DataBundle,
     paths: StagePaths,
-    metadata: dict,
+    facts: RunFacts,
     *,
     resume: bool,
     progress: bool,
 ) -> None:
-    """Stage 3: pretrain each F_k alone on its partial set, shared layers frozen (SPEC 2.3 step 2)."""
-    from coarse2fine.build import build_loaders
-
+    """Stage 3: pretrain each F_k alone on its partial set, shared layers frozen (METHODS.md §2.3)."""
     lr = cfg.hdcnn.fine_lr if cfg.hdcnn.fine_lr is not None else cfg.optim.lr
     fcfg = _stage_cfg(cfg, epochs=cfg.hdcnn.fine_epochs, lr=lr)
     for k, members in enumerate(model.partial_sets):
@@ -422,36 +306,35 @@ def stage_fine_components(
         elif cfg.hdcnn.fine_epochs > 0 and len(members) > 1:  # one class: p_k = 1, nothing to learn
             local = _local_bundle(bundle, members)
             loaders = build_loaders(fcfg, local, rank=du.rank(), world_size=du.world_size())
-            meta = {**metadata, "stage": "fine", "component": k, "partial_set": list(members)}
+            local_facts = facts.replace(classes=local.classes, stage="fine", component=k, partial_set=list(members))
             _fit_stage(
                 fcfg,
                 net,
                 CrossEntropyObjective(cfg.train.label_smoothing),
                 loaders,
                 paths.run_dir / "fine" / f"k{k}",
-                local.classes,
-                meta,
+                local_facts,
                 resume=resume,
                 progress=progress,
                 desc=f"fine component {k + 1}/{model.num_coarse}",
             )
-            _save_on_main(_final_checkpoint(net.component, fcfg, local.classes, meta), out)
+            _save_on_main(_final_checkpoint(net.component, fcfg, local_facts), out)
         model.load_fine_component(k, net)
 
 
 def stage_finetune(
     cfg: RunConfig,
     model: HDCNN,
-    bundle: Any,
-    loaders: Any,
+    bundle: DataBundle,
+    loaders: Loaders,
     paths: StagePaths,
-    metadata: dict,
+    facts: RunFacts,
     t: np.ndarray,
     *,
     resume: bool,
     progress: bool,
 ) -> None:
-    """Stage 4: global fine-tuning with the consistency term (SPEC 2.3 step 3)."""
+    """Stage 4: global fine-tuning with the consistency term (METHODS.md §2.3)."""
     classes = list(bundle.classes)
     if resume and paths.final.is_file():
         ckpt = load_checkpoint(paths.final)
@@ -468,126 +351,13 @@ def stage_finetune(
             objective,
             loaders,
             paths.run_dir / "finetune",
-            classes,
-            metadata,
+            facts,
             resume=resume,
             progress=progress,
             desc="fine-tune",
             param_groups=hdcnn_param_groups(model),
         )
-    _save_on_main(_final_checkpoint(model, tcfg, classes, metadata), paths.final)
-
-
-# ---- evaluation ------------------------------------------------------------------------------------
-
-
-def _param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def evaluate_hdcnn(
-    cfg: RunConfig,
-    model: HDCNN,
-    h: Hierarchy,
-    test_loader: Any,
-    *,
-    block: nn.Module | None = None,
-    initial: HDCNN | None = None,
-    reference: dict[str, list[str]] | None = None,
-    betas: Sequence[float] | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Test-split metrics of SPEC 2.4: accuracy, coarse accuracy, severity, cost, beta sweep.
-
-    ``report["hdcnn"]`` is the model at its own ``beta`` (``hdcnn.beta``; None: every component);
-    ``beta_sweep`` starts with every component run (``beta: null``) then each beta of ``betas``;
-    ``coarse`` and ``reference`` use the all-component predictions.
-    """
-    device = resolve_device(cfg.train.device)
-    num_classes = len(h.class_names)
-    model.to(device)
-    amp = cfg.train.amp
-    full = evaluate(
-        model,
-        test_loader,
-        num_classes=num_classes,
-        device=device,
-        amp=amp,
-        progress=progress,
-        desc="test HD-CNN",
-    )
-    report: dict[str, Any] = {"hdcnn": full.to_dict(h.class_names)}
-    base = inference_pass(model, test_loader, device=device, beta=None, amp=amp)
-    coarse_of = np.asarray(h.coarse_of)
-    report["coarse"] = {
-        "coarse_component_accuracy": float((base.coarse_pred == coarse_of[base.target]).mean()),
-        **{f"learnt_{k}": v for k, v in mistake_severity(base.pred, base.target, h).items()},
-    }
-    if reference:
-        report["reference"] = {
-            "hierarchy_vs_reference": compare_to_reference(h, reference),
-            "severity": mistake_severity(base.pred, base.target, reference, class_names=h.class_names),
-        }
-    sweep = []
-    for beta in [None, *sorted(betas or [])]:
-        res = base if beta is None else inference_pass(model, test_loader, device=device, beta=beta, amp=amp)
-        sweep.append(
-            {
-                "beta": beta,
-                "top1": res.top1,
-                "top5": res.top5,
-                "components_run": res.components_run,
-                "ms_per_image": res.ms_per_image,
-            }
-        )
-    report["beta_sweep"] = sweep
-    images = next(iter(test_loader))[0].to(device)
-    report["cost"] = {
-        "batch_size": int(images.shape[0]),
-        "hdcnn_parameters": _param_count(model),
-        "shared_parameters": _param_count(model.shared),
-        "coarse_component_parameters": _param_count(model.coarse),
-        "fine_component_parameters": _param_count(model.fine),
-        "hdcnn_peak_bytes": peak_memory_bytes(model, images),
-        "hdcnn_ms_per_image": base.ms_per_image,
-        "memory_measure": "cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocations",
-    }
-    if cfg.hdcnn.beta is not None:
-        report["cost"]["hdcnn_conditional_peak_bytes"] = peak_memory_bytes(model, images, beta=cfg.hdcnn.beta)
-    if block is not None:
-        block.to(device)
-        bres = evaluate(block, test_loader, num_classes=num_classes, device=device, amp=amp, desc="test block")
-        bpass = inference_pass(block, test_loader, device=device, amp=amp)
-        report["block"] = bres.to_dict(h.class_names)
-        report["block"]["severity_learnt"] = mistake_severity(bpass.pred, bpass.target, h)
-        if reference:
-            report["block"]["severity_reference"] = mistake_severity(
-                bpass.pred, bpass.target, reference, class_names=h.class_names
-            )
-        report["cost"].update(
-            block_parameters=_param_count(block),
-            block_peak_bytes=peak_memory_bytes(block, images),
-            block_ms_per_image=bpass.ms_per_image,
-        )
-    if initial is not None:
-        initial.to(device)
-        ires = evaluate(
-            initial,
-            test_loader,
-            num_classes=num_classes,
-            device=device,
-            amp=amp,
-            desc="test HD-CNN (no fine-tuning)",
-        )
-        report["hdcnn_no_finetune"] = ires.to_dict(h.class_names)
-    return report
-
-
-def reference_taxonomy(cfg: RunConfig, bundle: Any) -> dict[str, list[str]] | None:
-    """``hdcnn.reference_hierarchy`` (JSON file) or else the data's own (CIFAR-100 superclasses)."""
-    if cfg.hdcnn.reference_hierarchy:
-        return load_reference(cfg.hdcnn.reference_hierarchy)
-    return getattr(bundle, "reference_hierarchy", None)
+    _save_on_main(_final_checkpoint(model, tcfg, facts), paths.final)
 
 
 # ---- the whole pipeline -----------------------------------------------------------------------------
@@ -610,13 +380,13 @@ def _check_cfg(cfg: RunConfig) -> None:
 
 @dataclasses.dataclass
 class Pretrained:
-    """What stages 1-3 of SPEC 2.3 produce: the block, the hierarchy and the pretrained HD-CNN."""
+    """What stages 1-3 (METHODS.md §2.3) produce: the block, the hierarchy and the pretrained HD-CNN."""
 
     block: nn.Module
     block_source: str
-    hierarchy: Any
+    hierarchy: Hierarchy
     coarse_targets: np.ndarray
-    metadata: dict[str, Any]
+    facts: RunFacts
     model: HDCNN
 
 
@@ -628,7 +398,7 @@ def pretrain_stages(
     block, block_source = stage_block(cfg, bundle, loaders, paths, resume=resume, progress=progress)
     h = stage_hierarchy(cfg, block, bundle, loaders, paths, resume=resume, progress=progress)
     t = coarse_targets(h.partial_sets, class_counts(bundle.train, len(classes)), cfg.hdcnn.coarse_targets)
-    metadata = hdcnn_metadata(cfg, h, _in_chans(bundle), t, bundle.metadata())
+    facts = hdcnn_facts(cfg, h, t, bundle.facts())
     torch.manual_seed(cfg.seed)
     model = HDCNN(
         block,
@@ -638,18 +408,15 @@ def pretrain_stages(
         fine_exec=cfg.hdcnn.fine_exec,
         fine_head_init=cfg.hdcnn.fine_head_init,
     )
-    stage_fine_components(cfg, model, bundle, paths, metadata, resume=resume, progress=progress)
-    return Pretrained(block, block_source, h, t, metadata, model)
+    stage_fine_components(cfg, model, bundle, paths, facts, resume=resume, progress=progress)
+    return Pretrained(block, block_source, h, t, facts, model)
 
 
 def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Train (stages 1-4, resumable) and evaluate an HD-CNN; returns (and saves) the report."""
-    from coarse2fine.build import build_datasets, build_loaders
-
     _check_cfg(cfg)
     cfg = dataclasses.replace(cfg, method="hdcnn")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg.train.threads)
     start = time.perf_counter()
     paths = StagePaths(cfg.run_dir)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -662,20 +429,13 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
     classes = list(bundle.classes)
 
     pre = pretrain_stages(cfg, bundle, loaders, paths, resume=resume, progress=progress)
-    block, block_source, h, t, metadata, model = (
-        pre.block,
-        pre.block_source,
-        pre.hierarchy,
-        pre.coarse_targets,
-        pre.metadata,
-        pre.model,
-    )
+    h, model = pre.hierarchy, pre.model
     if du.is_main_process() and not (resume and paths.init.is_file()):
-        save_checkpoint(_final_checkpoint(model, cfg, classes, metadata), paths.init)
+        save_checkpoint(_final_checkpoint(model, cfg, pre.facts), paths.init)
     du.barrier()
-    initial = build_hdcnn_model(cfg, classes, metadata)
+    initial = build_hdcnn_model(cfg, pre.facts)
     initial.load_state_dict(load_checkpoint(paths.init)["model"])
-    stage_finetune(cfg, model, bundle, loaders, paths, metadata, t, resume=resume, progress=progress)
+    stage_finetune(cfg, model, bundle, loaders, paths, pre.facts, pre.coarse_targets, resume=resume, progress=progress)
     if info.world_size > 1:  # trained: rank 0 evaluates on the whole test split alone
         du.cleanup()
         if info.rank != 0:
@@ -689,7 +449,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
         model,
         h,
         loaders.test,
-        block=block,
+        block=pre.block,
         initial=initial,
         reference=reference,
         betas=cfg.hdcnn.beta_sweep,
@@ -701,8 +461,8 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
         groups=h.groups(),
         partial_sets=h.partial_groups(),
         coarse_names=h.coarse_names,
-        coarse_targets=[float(v) for v in t],
-        block_source=block_source,
+        coarse_targets=[float(v) for v in pre.coarse_targets],
+        block_source=pre.block_source,
         checkpoint=str(paths.final),
         pipeline_seconds=time.perf_counter() - start,
     )

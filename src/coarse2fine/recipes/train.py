@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from coarse2fine import build as B
 from coarse2fine.config import RunConfig, to_dict
 from coarse2fine.engine import EvalResult, evaluate, fit, save_eval_artifacts
 from coarse2fine.engine import distributed as du
 from coarse2fine.engine.checkpoint import atomic_write_json, atomic_write_text
+from coarse2fine.engine.evaluate import apply_threads
+from coarse2fine.recipes.data import build_datasets, build_loaders
+from coarse2fine.recipes.models import build_model_and_objective
+from coarse2fine.recipes.trained import load_trained
 
 
 @dataclass
@@ -54,11 +56,6 @@ def save_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
     return atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def apply_threads(cfg: RunConfig) -> None:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-
-
 def train_run(
     cfg: RunConfig,
     *,
@@ -69,12 +66,12 @@ def train_run(
     resume_hint: str | None = None,
 ) -> RunReport:
     """Train ``cfg`` (on every process of a torchrun launch) and evaluate ``best`` on the test split."""
-    apply_threads(cfg)
+    apply_threads(cfg.train.threads)
     info = du.init_distributed(device=cfg.train.device)
-    bundle = B.build_datasets(cfg)
-    loaders = B.build_loaders(cfg, bundle, rank=info.rank, world_size=info.world_size)
-    metadata = bundle.metadata()
-    model, objective = B.build_model_and_objective(cfg, len(bundle.classes), metadata)
+    bundle = build_datasets(cfg)
+    loaders = build_loaders(cfg, bundle, rank=info.rank, world_size=info.world_size)
+    facts = bundle.facts()
+    model, objective = build_model_and_objective(cfg, facts)
     run_dir = cfg.run_dir
     existing = (Path(run_dir) / "checkpoints" / "last.pt").exists()
     if du.is_main_process() and (resume or overwrite or not existing):  # else fit refuses; keep the old config
@@ -90,7 +87,7 @@ def train_run(
         run_dir=run_dir,
         config_dict=to_dict(cfg),
         classes=bundle.classes,
-        metadata=metadata,
+        metadata=facts.to_dict(),
         resume=resume,
         progress=progress,
         seed=cfg.seed,
@@ -99,7 +96,7 @@ def train_run(
     )
     test_result = None
     if evaluate_test:
-        best = B.load_trained(result.best_checkpoint, classes=bundle.classes)
+        best = load_trained(result.best_checkpoint, classes=bundle.classes)
         test_result = evaluate(
             best.model,
             loaders.test,

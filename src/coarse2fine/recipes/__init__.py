@@ -1,0 +1,48 @@
+"""Recipes: everything a run needs, built from a resolved config, then handed to the engine.
+
+``data`` (datasets, loaders), ``models`` (model + objective per method), ``trained``
+(``load_trained`` for every kind of checkpoint), ``train`` (a plain training run), ``hdcnn`` (HD-CNN's
+staged pipeline) with ``hdcnn_report``, ``hierarchy`` (learning the category hierarchy) and
+``compress`` (product-quantising a checkpoint).
+"""
+
+from coarse2fine.recipes.data import (
+    DataBundle,
+    Loaders,
+    build_datasets,
+    build_loaders,
+    eval_loader,
+    evaluate_protocol_on,
+    native_loader,
+    per_rank_batch,
+    transforms_for,
+)
+from coarse2fine.recipes.models import (
+    METHODS,
+    build_backbone,
+    build_hdcnn_model,
+    build_model_and_objective,
+)
+from coarse2fine.recipes.train import RunReport, save_resolved_config, train_run
+from coarse2fine.recipes.trained import Trained, load_trained
+
+__all__ = [
+    "METHODS",
+    "DataBundle",
+    "Loaders",
+    "RunReport",
+    "Trained",
+    "build_backbone",
+    "build_datasets",
+    "build_hdcnn_model",
+    "build_loaders",
+    "build_model_and_objective",
+    "eval_loader",
+    "evaluate_protocol_on",
+    "load_trained",
+    "native_loader",
+    "per_rank_batch",
+    "save_resolved_config",
+    "train_run",
+    "transforms_for",
+]

@@ -1,0 +1,75 @@
+"""``load_trained``: the one way to rebuild a model from any checkpoint this toolkit writes (plain,
+HERBS, HD-CNN, product-quantised), with what is needed to feed it images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from coarse2fine.compress import apply_compression_structure
+from coarse2fine.config import RunConfig, apply_overrides, config_from_dict, to_dict
+from coarse2fine.engine import check_compatible, load_checkpoint
+from coarse2fine.engine.checkpoint import model_state_of
+from coarse2fine.engine.evaluate import apply_threads
+from coarse2fine.errors import CheckpointError, ConfigError
+from coarse2fine.facts import RunFacts
+from coarse2fine.recipes.data import transforms_for
+from coarse2fine.recipes.models import build_model_and_objective
+
+
+@dataclass
+class Trained:
+    """A model rebuilt from a checkpoint, in eval mode, with what is needed to feed it images."""
+
+    model: nn.Module
+    cfg: RunConfig
+    facts: RunFacts
+    checkpoint: dict[str, Any]
+    path: Path
+
+    @property
+    def classes(self) -> list[str]:
+        return self.facts.classes
+
+    def eval_transform(self) -> Any:
+        """The eval transform the model was validated with (statistics stored in the checkpoint)."""
+        f = self.facts
+        return transforms_for(self.cfg, f.data_stats, f.image_size, f.in_memory)[1]
+
+
+def read_facts(ckpt: dict[str, Any], path: str | Path) -> RunFacts:
+    """The checkpoint's typed facts, its class list filled in from ``checkpoint["classes"]``."""
+    facts = RunFacts.from_dict(ckpt.get("metadata") or {}, source=f"checkpoint {str(path)!r}")
+    saved = [str(c) for c in ckpt["classes"]]
+    return facts.replace(classes=saved) if facts.classes != saved else facts
+
+
+def load_trained(
+    path: str | Path, *, classes: list[str] | None = None, overrides: list[str] | None = None
+) -> Trained:
+    """Rebuild the model of a training (or ``c2f compress``-ed) checkpoint and load its weights (``weights_only``).
+
+    ``classes``: when given, the checkpoint's class list must equal it (CheckpointError otherwise).
+    ``overrides``: ``section.key=value`` settings applied to the stored config (e.g. ``data.root=...``).
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    for key in ("config", "classes", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r}: not a coarse2fine training checkpoint")
+    try:
+        cfg = config_from_dict(apply_overrides(to_dict(config_from_dict(ckpt["config"])), overrides or []))
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: stored config is invalid: {exc}") from exc
+    apply_threads(cfg.train.threads)
+    facts = read_facts(ckpt, path)
+    model, _ = build_model_and_objective(cfg, facts, load_files=False)
+    if facts.compression:  # a product-quantised model: rebuild its quantised layers before loading
+        apply_compression_structure(model, facts.compression)
+    check_compatible(ckpt, classes, model, path)
+    model.load_state_dict(model_state_of(ckpt, path))
+    model.eval()
+    return Trained(model=model, cfg=cfg, facts=facts, checkpoint=ckpt, path=path)
