@@ -5,7 +5,7 @@
 Trains ``configs/fashion_mnist_vgg.yaml`` (``best`` chosen on the 10% held-out split, test split used
 once at the end) and prints a markdown table: per epoch the cumulative training minutes, train and
 validation accuracy; then the test accuracy of the best checkpoint, one view and with the VGG paper's
-test-time flip (SPEC 1: the image and its horizontal flip, softmax averaged). Goal (issue 2): >= 94.5%
+test-time flip (METHODS.md §1: the image and its horizontal flip, softmax averaged). Goal (issue 2): >= 94.5%
 test accuracy within 20 minutes on a 2-core CPU.
 """
 

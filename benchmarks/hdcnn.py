@@ -1,4 +1,4 @@
-"""HD-CNN ablation on Fashion-MNIST (SPEC 2.4's table, same building block, stated epoch budget).
+"""HD-CNN ablation on Fashion-MNIST (METHODS.md §2.4's table, same building block, stated epoch budget).
 
 Rows: building block; average of two building blocks (softmax mean, second seed); HD-CNN without
 fine-tuning; fine-tuned without and with the consistency term; conditional execution at several
@@ -182,8 +182,8 @@ def exec_only(cfg: Any, batch: int, repeats: int) -> None:
 # settings compared by --compress-sweep: label -> (spec, auto_spec keywords); "C" = axis columns (W^T)
 _C = "columns"
 SWEEP: dict[str, tuple[str | dict[str, Any], dict[str, Any]]] = {
-    "fully connected layers, SPEC orientation (s=4, k<=m/4)": ("fc", {}),
-    "auto, SPEC orientation (fc s=4 k<=m/4, conv s=3 k<=2m/3)": ("auto", {}),
+    "fully connected layers, row orientation (s=4, k<=m/4)": ("fc", {}),
+    "auto, row orientation (fc s=4 k<=m/4, conv s=3 k<=2m/3)": ("auto", {}),
     "auto, longer side (same s, k)": ("auto", {"axis": "auto"}),
     "rear preset (longer side, fc s=4 k=64, conv s=2 k=128)": ("rear", REAR_PQ),
     "rear, longer side, fc s=8 k=64, conv s=3 k=128": ("rear", {"axis": "auto", "linear": (8, 64), "conv": (3, 128)}),

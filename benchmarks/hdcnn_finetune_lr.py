@@ -1,4 +1,4 @@
-"""HD-CNN global fine-tuning (SPEC 2.3 step 3) at another lr or length, on the cached stages of a
+"""HD-CNN global fine-tuning (METHODS.md §2.3 step 3) at another lr or length, on the cached stages of a
 benchmarks/hdcnn.py run.
 
     python benchmarks/hdcnn_finetune_lr.py --lr 0.001                       # runs/bench_hdcnn_full/full

@@ -1,7 +1,7 @@
 """Do HD-CNN's fine components specialise? Each pre-trained F_k against the building block restricted to S_k.
 
 On the images whose label is in a partial set S_k (held-out or test split), compare the top-1 of the
-pre-trained fine component F_k (SPEC 2.3 step 2) with the building block's argmax over the classes
+pre-trained fine component F_k (METHODS.md §2.3 step 2) with the building block's argmax over the classes
 of S_k only. HD-CNN can only beat its block where F_k beats the block on its own classes.
 
     python benchmarks/hdcnn_specialisation.py --out runs/bench_hdcnn_s1k5 \\

@@ -1,4 +1,4 @@
-"""HERBS ablation on real Fashion-MNIST (SPEC 3): plain backbone vs HERBS vs the basic variants.
+"""HERBS ablation on real Fashion-MNIST (METHODS.md §3): plain backbone vs HERBS vs the basic variants.
 
 Every arm trains the same backbone (default ``vgg_small_bn``) with the same data order, augmentation,
 optimiser, schedule and epochs; only the head and the loss differ:

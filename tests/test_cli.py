@@ -205,7 +205,7 @@ def test_eval_unknown_protocol_is_refused(trained_run: Path) -> None:
 
 
 def test_finetune_from_a_checkpoint_keeps_its_weights(fmnist_root: Path, trained_run: Path, tmp_path: Path) -> None:
-    """Fine-tuning at a new scale (SPEC 1: S=384 from S=256): --pretrained-file takes a training checkpoint."""
+    """Fine-tuning at a new scale (METHODS.md §1: S=384 from S=256): --pretrained-file takes a training checkpoint."""
     best = trained_run / "checkpoints" / "best.pt"
     args = _train_args(fmnist_root, tmp_path, "ft", "--pretrained-file", str(best), "--set", "train.epochs=1")
     args += ["--set", "optim.lr=0.0", "--set", "optim.weight_decay=0.0", "--set", "data.pad=4"]

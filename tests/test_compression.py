@@ -1,4 +1,4 @@
-"""Product-quantisation compression (SPEC 2.4)."""
+"""Product-quantisation compression (METHODS.md §2.4)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class Tiny(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-SPEC = {"features.0": (3, 32), "features.2": (3, 32), "classifier.1": (4, 96)}  # exact: k = rows
+LAYER_SPEC = {"features.0": (3, 32), "features.2": (3, 32), "classifier.1": (4, 96)}  # exact: k = rows
 
 
 def test_exact_compression_keeps_outputs() -> None:
@@ -104,7 +104,7 @@ def test_exact_compression_keeps_outputs() -> None:
     model = Tiny().eval()
     x = torch.randn(3, 3, 8, 8)
     before = model(x)
-    report = compress_model(model, SPEC)
+    report = compress_model(model, LAYER_SPEC)
     assert isinstance(model.features[0], PQConv2d) and isinstance(model.classifier[1], PQLinear)
     assert isinstance(model.classifier[3], nn.Linear)  # not named: untouched
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
@@ -283,4 +283,4 @@ def test_auto_rule_picks_the_longer_side() -> None:
     model = nn.Sequential(nn.Linear(864, 96), nn.Linear(96, 864))
     spec = auto_spec(model, axis="auto")
     assert spec["0"] == (4, 216, "columns")  # 864 columns > 96 rows: k = a quarter of the columns
-    assert spec["1"] == (4, 216)  # 864 rows: the SPEC orientation
+    assert spec["1"] == (4, 216)  # 864 rows: the row orientation

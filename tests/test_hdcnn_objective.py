@@ -1,4 +1,4 @@
-"""HD-CNN loss (SPEC 2.3): value by hand and gradient of the consistency term."""
+"""HD-CNN loss (METHODS.md §2.3): value by hand and gradient of the consistency term."""
 
 from __future__ import annotations
 

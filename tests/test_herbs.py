@@ -1,4 +1,4 @@
-"""HERBS (SPEC 3): fusion, selector, combiner, model variants, losses, a tiny training run."""
+"""HERBS (METHODS.md §3): fusion, selector, combiner, model variants, losses, a tiny training run."""
 
 from __future__ import annotations
 

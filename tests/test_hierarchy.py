@@ -1,4 +1,4 @@
-"""HD-CNN's learned category hierarchy (SPEC 2.1): clustering, partial sets, JSON, plots, comparison."""
+"""HD-CNN's learned category hierarchy (METHODS.md §2.1): clustering, partial sets, JSON, plots, comparison."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VGG test protocols (SPEC §1 Testing): view counts, scales, dense, fusion, errors."""
+"""VGG test protocols (METHODS.md §1 Testing): view counts, scales, dense, fusion, errors."""
 
 from __future__ import annotations
 

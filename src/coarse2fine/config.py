@@ -101,7 +101,7 @@ class EvalConfig:
 
 @dataclass
 class HDCNNConfig:
-    """HD-CNN (SPEC 2). Used by ``c2f hdcnn fit``."""
+    """HD-CNN (METHODS.md §2). Used by ``c2f hdcnn fit``."""
 
     branch_stage: str = "stage2"  # shared layers end here
     num_coarse: int = 4  # K
@@ -109,7 +109,7 @@ class HDCNNConfig:
     gamma: float = 5.0  # u_t = 1 / (gamma K)
     max_partial_size: int | None = None  # cap |S_k| (released code: 80 of 100)
     consistency_weight: float = 20.0  # lambda (paper 20, released code 5)
-    coarse_targets: str = "paper"  # t_k: paper (SPEC 2.3) | aggregation (mean B_ik of an exact coarse component)
+    coarse_targets: str = "paper"  # t_k: paper (METHODS.md §2.3) | aggregation (mean B_ik of an exact coarse component)
     beta: float | None = None  # conditional execution threshold 1/(beta K); None: run all
     block_checkpoint: str | None = None  # reuse a trained building block
     block_epochs: int | None = None  # None: train.epochs
@@ -118,14 +118,14 @@ class HDCNNConfig:
     finetune_lr: float | None = None  # None: optim.lr / 10
     reference_hierarchy: str | None = None  # JSON {coarse: [fine, ...]} to compare against
     fine_lr: float | None = None  # fine-component pre-training lr; None: optim.lr
-    fine_head_init: str = "random"  # random (SPEC 2.3: all but the last layer copied) | block (its rows)
+    fine_head_init: str = "random"  # random (METHODS.md §2.3: all but the last layer copied) | block (its rows)
     fine_exec: str = "auto"  # auto (vmap on GPU, loop on CPU) | vmap (K components batched) | loop
     beta_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # evaluation sweep
 
 
 @dataclass
 class HERBSConfig:
-    """HERBS (SPEC 3). Enabled when ``method: herbs``; see ``coarse2fine.herbs``."""
+    """HERBS (METHODS.md §3). Enabled when ``method: herbs``; see ``coarse2fine.herbs``."""
 
     stages: list[str] | None = None  # stages to use; None: the last len(num_selects) (default 4, or all)
     fpn_size: int = 256  # common width F

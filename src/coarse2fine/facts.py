@@ -20,7 +20,7 @@ _HDCNN_KEYS = ("hierarchy", "branch_stage", "block", "coarse_targets")
 @dataclass(frozen=True)
 class HDCNNFacts:
     """What rebuilds an HD-CNN and its loss: the hierarchy (``Hierarchy.to_dict``), where the block
-    was split, the block's model name and the coarse targets t_k (METHODS.md eq. (8))."""
+    was split, the block's model name and the coarse targets t_k (METHODS.md eqs. (15)-(16))."""
 
     hierarchy: dict[str, Any]
     branch_stage: str

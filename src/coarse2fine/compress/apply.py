@@ -37,11 +37,11 @@ class LayerReport:
     s: int
     k: int  # effective k (clipped to m)
     padded_n: int  # quantised dimension after zero padding (n, or m for axis="columns")
-    factor: float  # SPEC formula on (m, n, s, k, axis)
+    factor: float  # METHODS.md eq. (19) on (m, n, s, k, axis)
     bytes_before: int  # fp32 weight
     bytes_after: int  # uint8 codes + fp32 centres
     rel_error: float  # ||W - W_hat||_F / ||W||_F
-    axis: str = "rows"  # rows: SPEC orientation; columns: W^T quantised
+    axis: str = "rows"  # rows: row orientation; columns: W^T quantised
 
 
 @dataclass
@@ -134,8 +134,8 @@ def auto_spec(
     192 rows), with ``k = auto_k(points, k_max, ratio)``: at most a quarter of a linear layer's rows and
     two thirds of a conv's (on a small Fashion-MNIST VGG, k = a quarter of the conv rows lost 55 points
     of accuracy, two thirds about 1). A layer is kept when it has at least ``min_params`` weights and
-    its SPEC factor is at least ``min_factor``. ``axis``: ``rows`` (SPEC), ``columns`` (``W^T``) or
-    ``auto`` (per layer, the side with more vectors to cluster: columns when ``n > m``).
+    its factor (METHODS.md eq. (19)) is at least ``min_factor``. ``axis``: ``rows`` (METHODS.md §2.4),
+    ``columns`` (``W^T``) or ``auto`` (per layer, the side with more vectors to cluster: columns when ``n > m``).
     """
     spec: dict[str, LayerSpec] = {}
     for name, mod in model.named_modules():

@@ -77,7 +77,7 @@ class _PQMixin(nn.Module):
 
 
 class PQLinear(_PQMixin):
-    """``nn.Linear`` whose weight is product-quantised (SPEC 2.4)."""
+    """``nn.Linear`` whose weight is product-quantised (METHODS.md §2.4)."""
 
     def __init__(
         self, in_features: int, out_features: int, s: int, k: int, bias: bool = True, axis: str = "rows"
@@ -107,7 +107,7 @@ class PQLinear(_PQMixin):
 
 
 class PQConv2d(_PQMixin):
-    """``nn.Conv2d`` whose weight (flattened ``out x in/groups*kh*kw``) is product-quantised (SPEC 2.4)."""
+    """``nn.Conv2d`` whose weight (flattened ``out x in/groups*kh*kw``) is product-quantised (METHODS.md §2.4)."""
 
     def __init__(self, conv: nn.Conv2d, s: int, k: int, axis: str = "rows") -> None:
         super().__init__()

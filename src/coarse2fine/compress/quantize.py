@@ -12,7 +12,7 @@ its own centre: exact); ``k`` above 256 does not fit uint8 codes and is an error
 
 ``axis="columns"`` quantises ``W^T`` instead (segments of ``s`` rows, k-means on the ``n`` columns;
 factor ``32mn / (32km + 8mn/s)``), as Gong et al. (2014), whose PQ HD-CNN uses, allow for either
-dimension. Small layers need it: with few rows (a 96-channel conv) the ``k`` centres of the SPEC
+dimension. Small layers need it: with few rows (a 96-channel conv) the ``k`` centres of the row
 orientation cost as much as the weights, while its 864 columns leave room for 4x and more.
 """
 
@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 
 MAX_K = 256  # uint8 codes
 
-AXES = ("rows", "columns")  # which vectors k-means clusters: W's row segments (SPEC) or W^T's
+AXES = ("rows", "columns")  # which vectors k-means clusters: W's row segments (METHODS.md §2.4) or W^T's
 LayerSpec = tuple[int, int] | tuple[int, int, str]  # (s, k[, axis])
 Spec = Mapping[str, LayerSpec]
 
 
 def compression_factor(m: int, n: int, s: int, k: int, axis: str = "rows") -> float:
-    """``32mn / (32kn + 8mn/s)`` (SPEC 2.4): fp32 weight bits over fp32 centres + uint8 code bits.
+    """``32mn / (32kn + 8mn/s)`` (METHODS.md §2.4): fp32 weight bits over fp32 centres + uint8 code bits.
 
     ``axis="columns"`` (``W^T`` quantised): ``32mn / (32km + 8mn/s)``.
     """

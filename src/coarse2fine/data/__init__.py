@@ -1,4 +1,4 @@
-"""Datasets, splits, transforms and loaders (SPEC §4; the data contract in docs/ARCHITECTURE.md).
+"""Datasets, splits, transforms and loaders (METHODS.md §4; the data contract in docs/ARCHITECTURE.md).
 
 Imports nothing of ours except :mod:`coarse2fine.errors`.
 """

@@ -1,4 +1,4 @@
-"""Dataset base classes shared by every reader (SPEC §4), image decoding and dataset views.
+"""Dataset base classes shared by every reader (METHODS.md §4), image decoding and dataset views.
 
 Two kinds of dataset follow the data contract in ``docs/ARCHITECTURE.md``:
 

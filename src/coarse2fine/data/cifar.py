@@ -1,4 +1,4 @@
-"""CIFAR-100 (and CIFAR-10) python pickles, read by a restricted unpickler (SPEC §4).
+"""CIFAR-100 (and CIFAR-10) python pickles, read by a restricted unpickler (METHODS.md §4).
 
 CIFAR-100 (``cifar-100-python/``): ``train`` and ``test`` hold a dict with ``data`` (uint8 N x 3072, rows of
 R, G, B planes of 32x32), ``fine_labels``, ``coarse_labels``, ``filenames``, ``batch_label``; ``meta`` holds

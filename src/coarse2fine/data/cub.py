@@ -1,4 +1,4 @@
-"""CUB-200-2011 (and the shared reader of its text files, used by NABirds too) (SPEC §4).
+"""CUB-200-2011 (and the shared reader of its text files, used by NABirds too) (METHODS.md §4).
 
 Files (in ``root`` or ``root/CUB_200_2011``): ``images.txt`` (``<image id> <relative path>``),
 ``image_class_labels.txt`` (``<image id> <class id>``), ``train_test_split.txt`` (``<image id> <1 = train>``),

@@ -1,4 +1,4 @@
-"""Fashion-MNIST from its four IDX files, gzipped or plain (SPEC §4; the default dataset).
+"""Fashion-MNIST from its four IDX files, gzipped or plain (METHODS.md §4; the default dataset).
 
 Search order: the given root, ``/usr/share/datasets/fashion-mnist`` (Debian package
 ``dataset-fashion-mnist``), ``./data/fashion-mnist``. With ``download=True`` the official files are fetched

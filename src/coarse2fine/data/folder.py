@@ -1,4 +1,4 @@
-"""Class-per-folder image tree, ImageNet style (SPEC §4).
+"""Class-per-folder image tree, ImageNet style (METHODS.md §4).
 
 ``root/<class>/**/<image>``; or, when ``root`` has ``train/``, ``val/`` or ``test/`` subfolders,
 ``root/<split>/<class>/**/<image>``. Classes are the sorted class folders (of ``train/`` when the tree is

@@ -1,4 +1,4 @@
-"""IDX files (the MNIST / Fashion-MNIST format), gzipped or plain (SPEC §4).
+"""IDX files (the MNIST / Fashion-MNIST format), gzipped or plain (METHODS.md §4).
 
 Layout: two zero bytes, a type code, the number of dimensions ``d``; then ``d`` big-endian uint32 sizes;
 then the data, big-endian, row-major. The data size must match the dimensions exactly.

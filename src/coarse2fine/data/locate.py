@@ -1,4 +1,4 @@
-"""Finding a dataset on disk, and downloading the ones that may be downloaded (SPEC §4)."""
+"""Finding a dataset on disk, and downloading the ones that may be downloaded (METHODS.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NABirds: the CUB file set plus ``hierarchy.txt`` (``<child id> <parent id>``) (SPEC §4).
+"""NABirds: the CUB file set plus ``hierarchy.txt`` (``<child id> <parent id>``) (METHODS.md §4).
 
 Classes are the leaf classes that occur in ``image_class_labels.txt``, remapped to ``0..C-1`` in
 increasing id order. ``reference_hierarchy`` groups the leaves under an ancestor: ``level="parent"`` (the

@@ -1,4 +1,4 @@
-"""``load_dataset(name, ...)``: one entry point for every dataset the system reads (SPEC §4)."""
+"""``load_dataset(name, ...)``: one entry point for every dataset the system reads (METHODS.md §4)."""
 
 from __future__ import annotations
 

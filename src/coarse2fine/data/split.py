@@ -1,4 +1,4 @@
-"""Stratified, seeded held-out split of a training set (SPEC §2.1 step 1: a class-balanced held-out part).
+"""Stratified, seeded held-out split of a training set (METHODS.md §2.1 step 1: a class-balanced held-out part).
 
 The held-out part is used for model selection and for HD-CNN's confusion matrix; the test split is
 never touched. Both parts are :class:`~coarse2fine.data.base.DatasetView` objects keeping ``classes`` and

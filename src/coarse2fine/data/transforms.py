@@ -1,4 +1,4 @@
-"""Training and evaluation transforms (SPEC §1 training scale and preprocessing; torchvision transforms v2).
+"""Training and evaluation transforms (METHODS.md §1 training scale and preprocessing; torchvision transforms v2).
 
 - Small in-memory images (Fashion-MNIST, CIFAR): :class:`BatchAugment` pads, random-crops and flips a
   whole uint8 batch with one gather (no Python loop over the batch), then normalises; its randomness
@@ -98,7 +98,7 @@ class BatchAugment:
 
 class PCAColorShift:
     """AlexNet colour shift: add ``eigvec @ (alpha * eigval)``, ``alpha ~ N(0, strength^2)``, to every pixel
-    of a float RGB image ``(3, H, W)`` in [0, 1] (SPEC §1 "RGB colour shift")."""
+    of a float RGB image ``(3, H, W)`` in [0, 1] (METHODS.md §1 "RGB colour shift")."""
 
     def __init__(self, strength: float, eigval: Sequence[float], eigvec: Sequence[Sequence[float]]) -> None:
         self.strength = float(strength)

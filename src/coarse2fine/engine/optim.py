@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules built from ``OptimConfig`` / ``ScheduleConfig``.
 
 - ``plateau``: lr x ``plateau_factor`` (default /10) when validation top-1 stops improving for
-  ``plateau_patience`` epochs, at most ``max_reductions`` times (SPEC 1, VGG recipe: 3 times).
+  ``plateau_patience`` epochs, at most ``max_reductions`` times (METHODS.md §1, VGG recipe: 3 times).
 - ``cosine``: linear warm-up then cosine decay to ``min_lr``, stepped per optimizer step.
 - ``onecycle``: ``torch.optim.lr_scheduler.OneCycleLR`` (warm-up fraction = ``pct_start``).
 - ``constant``: constant lr after the optional linear warm-up.

@@ -1,4 +1,4 @@
-"""VGG's test protocols and ConvNet fusion (SPEC §1 "Testing").
+"""VGG's test protocols and ConvNet fusion (METHODS.md §1 "Testing").
 
 Images come at their native resolution, NCHW, uint8 (scaled to [0, 1]) or float; ``mean``/``std``
 normalise them (leave them None when the loader already normalised; normalising before or after
@@ -52,7 +52,7 @@ def check_protocol(protocol: str) -> None:
 
 
 def default_scales(crop: int, train_scale: Sequence[int] | None = None) -> list[int]:
-    """Multi-scale Q set of SPEC §1 (see the module docstring for small images)."""
+    """Multi-scale Q set of METHODS.md §1 (see the module docstring for small images)."""
     if train_scale is not None and len(train_scale) == 2:
         lo, hi = int(train_scale[0]), int(train_scale[1])
         return [lo, (lo + hi) // 2, hi]

@@ -1,4 +1,4 @@
-"""Test-time measurements of HD-CNN (SPEC 2.4): conditional execution sweep, time, memory, plots.
+"""Test-time measurements of HD-CNN (METHODS.md §2.4): conditional execution sweep, time, memory, plots.
 
 ``inference_pass`` runs a model over a loader once and returns predictions, top-1/top-5, the fine
 components run per image and the model's time per image (forward passes only, data loading

@@ -1,4 +1,4 @@
-"""The HD-CNN network (SPEC 2.2, 2.4): shared layers, coarse component, K fine components.
+"""The HD-CNN network (METHODS.md §2.2, 2.4): shared layers, coarse component, K fine components.
 
 Built from any building block of the model factory (a :class:`~coarse2fine.models.base.Backbone`)
 and a category hierarchy (partial sets S_k of fine classes), branching at a named stage:
@@ -15,7 +15,7 @@ module (``fine_exec="vmap"``); ``"loop"`` runs them one after another (same para
 result). Every component's last layer is stored padded to ``max_k |S_k|`` outputs; the padding
 rows are masked to probability 0 and receive no gradient.
 
-Conditional execution (SPEC 2.4): at inference with ``beta`` set, B_ik < 1/(beta K) is set to 0
+Conditional execution (METHODS.md §2.4): at inference with ``beta`` set, B_ik < 1/(beta K) is set to 0
 and F_k runs only on the sub-batch of images that still need it (``index_select`` in,
 ``index_add_`` out; no Python loop over images).
 
@@ -119,7 +119,7 @@ class FineComponents(nn.Module):
         self.exec_mode = exec_mode
         self._vmap_ok: bool | None = None
         self.set_exec(exec_mode)
-        # product-quantised stacked weights (SPEC 2.4): name -> (s, k, axis). Their codes / centres are
+        # product-quantised stacked weights (METHODS.md §2.4): name -> (s, k, axis). Their codes / centres are
         # buffers and replace the fp32 tensor in ``state_dict``; the fp32 tensor keeps the dequantised
         # values for computing and is rebuilt from the codes on ``load_state_dict``.
         self._pq: dict[str, tuple[int, int, str]] = {}
@@ -300,7 +300,7 @@ def _normalise_partial_sets(
 
 
 class HDCNN(nn.Module):
-    """Hierarchical deep CNN from a building block and partial sets (SPEC 2.2, 2.4).
+    """Hierarchical deep CNN from a building block and partial sets (METHODS.md §2.2, 2.4).
 
     ``forward(x)`` returns a dict (ARCHITECTURE.md training contract):
 
@@ -394,7 +394,7 @@ class HDCNN(nn.Module):
 
     # ---- pieces ---------------------------------------------------------------------------------
     def coarse_forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """(B^f (B, C), B (B, K)) from shared features ``h`` (SPEC 2.2 aggregation)."""
+        """(B^f (B, C), B (B, K)) from shared features ``h`` (METHODS.md §2.2 aggregation)."""
         fine_probs = F.softmax(self.coarse(h).float(), dim=-1)
         agg = fine_probs @ self.membership
         return fine_probs, agg / agg.sum(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -427,7 +427,7 @@ class HDCNN(nn.Module):
         return mixed / weights.sum(dim=1, keepdim=True)
 
     def _routed_components(self, h: Tensor, weights: Tensor) -> Tensor:
-        """Run F_k only on the images with a nonzero weight for k (SPEC 2.4)."""
+        """Run F_k only on the images with a nonzero weight for k (METHODS.md §2.4)."""
         out = self._singleton_part(weights)
         for k in self.runnable:
             idx = torch.nonzero(weights[:, k] > 0, as_tuple=True)[0]
@@ -460,7 +460,7 @@ class HDCNN(nn.Module):
             "components_run": run,
         }
 
-    # ---- fine components one at a time (pretraining, SPEC 2.3 step 2) -----------------------------
+    # ---- fine components one at a time (pretraining, METHODS.md §2.3 step 2) -----------------------------
     def fine_component_net(self, k: int) -> nn.Module:
         """A copy of the shared layers (frozen, eval mode) + an independent copy of F_k: |S_k| logits."""
         return FineComponentNet(copy.deepcopy(self.shared), self.fine.component(k), len(self.partial_sets[k]))

@@ -1,4 +1,4 @@
-"""HD-CNN fine-tuning loss with the coarse category consistency term (SPEC 2.3).
+"""HD-CNN fine-tuning loss with the coarse category consistency term (METHODS.md §2.3).
 
 E = -1/n sum_i log p_{y_i}  +  lambda/2 sum_k (t_k - 1/n sum_i B_ik)^2
 

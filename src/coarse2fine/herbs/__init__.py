@@ -1,4 +1,4 @@
-"""HERBS (SPEC 3): feature pyramid, background suppression and high-temperature refinement on any backbone.
+"""HERBS (METHODS.md §3): feature pyramid, background suppression and high-temperature refinement on any backbone.
 
 ``build_herbs(backbone, num_classes, cfg.herbs, input_size) -> (HERBS, HERBSObjective)`` wraps any
 ``Backbone`` (CNN maps or transformer tokens). Parts: ``fpn`` (projection, top-down and bottom-up paths

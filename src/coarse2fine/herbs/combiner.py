@@ -1,4 +1,4 @@
-"""HERBS graph combiner (SPEC 3, "Combiner"): kept tokens of all stages -> merged logits Y_m.
+"""HERBS graph combiner (METHODS.md §3, "Combiner"): kept tokens of all stages -> merged logits Y_m.
 
 tokens ``(B, S, F)`` -> pool to ``J`` nodes -> adjacency ``A = A_learned + alpha tanh(q_i - k_j)``
 (q, k: 1x1 projections averaged over channels) -> one graph convolution ``conv1x1(H) A`` with BN

@@ -1,4 +1,4 @@
-"""HERBS feature fusion (SPEC 3, "Feature fusion") on token sequences of any size.
+"""HERBS feature fusion (METHODS.md §3, "Feature fusion") on token sequences of any size.
 
 Every stage is handled as tokens ``(B, N, F)`` plus a *grid*: ``(H, W)`` when the tokens are a
 2-D map, ``None`` when they are a plain sequence.
@@ -78,7 +78,7 @@ def resize_tokens(tokens: Tensor, grid: Grid, size: int, target_grid: Grid, *, p
 
 
 class FeatureFusion(nn.Module):
-    """Projection to width F, top-down (FPN) and bottom-up (PANet) paths (SPEC 3).
+    """Projection to width F, top-down (FPN) and bottom-up (PANet) paths (METHODS.md §3).
 
     ``forward`` returns ``(top_down, bottom_up)`` lists of ``(B, N_i, F)``; with ``top_down=False``
     the top-down list is the projections, with ``bottom_up=False`` the bottom-up list is ``None``.

@@ -1,9 +1,9 @@
-"""HERBS on any backbone (SPEC 3): ``HERBS`` and ``build_herbs``.
+"""HERBS on any backbone (METHODS.md §3): ``HERBS`` and ``build_herbs``.
 
 The backbone gives its stage outputs (``forward_stages``, CNN maps or transformer tokens); the
 used stages are fused (``fpn.FeatureFusion``), classified per token on the top-down (k1) and
 bottom-up (k2) paths, the selector keeps the confident tokens of the k2 maps, and the combiner
-merges the kept tokens. The prediction is ``log(mean softmax)`` of the 9 outputs (SPEC: the sum of
+merges the kept tokens. The prediction is ``log(mean softmax)`` of the 9 outputs (METHODS.md §3: the sum of
 the softmax; normalising keeps the argmax and gives a distribution).
 
 Basic variants for a plain backbone (paper Fig. 3), ``cfg.basic``:
@@ -106,7 +106,7 @@ def _freeze_unused(backbone: nn.Module, outs: Sequence[Tensor]) -> list[str]:
 
 
 class HERBS(nn.Module):
-    """HERBS wrapped around ``backbone`` (see the module docstring; SPEC 3)."""
+    """HERBS wrapped around ``backbone`` (see the module docstring; METHODS.md §3)."""
 
     def __init__(
         self,
@@ -259,7 +259,7 @@ def build_herbs(
     cfg: HERBSConfig,
     input_size: int | Sequence[int] | None = None,
 ) -> tuple[HERBS, HERBSObjective]:
-    """HERBS around ``backbone`` and its loss (SPEC 3). ``input_size``: int, (H, W) or (C, H, W);
+    """HERBS around ``backbone`` and its loss (METHODS.md §3). ``input_size``: int, (H, W) or (C, H, W);
     it fixes the combiner's token count under ``combiner_pool='linear'`` and the count checks."""
     model = HERBS(backbone, num_classes, cfg, input_size)
     return model, HERBSObjective(cfg)

@@ -1,4 +1,4 @@
-"""HERBS losses (SPEC 3, "Losses"), every term returned separately.
+"""HERBS losses (METHODS.md §3, "Losses"), every term returned separately.
 
 - ``merged``: CE(Y_m, y), weight ``lambda_merged``;
 - ``layer``: CE of each bottom-up classifier's token-averaged logits, summed over stages
@@ -26,7 +26,7 @@ from coarse2fine.engine.objective import Objective
 
 
 def temperature_at(epoch: int, t0: float, period: int) -> float:
-    """``T_e = T_0 * 0.5^floor(e / period)`` (SPEC 3), ``e`` counted from 0."""
+    """``T_e = T_0 * 0.5^floor(e / period)`` (METHODS.md §3), ``e`` counted from 0."""
     return t0 * 0.5 ** (epoch // max(1, period))
 
 

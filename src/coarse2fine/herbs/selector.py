@@ -1,4 +1,4 @@
-"""HERBS background suppression: the selector (SPEC 3, "Background suppression").
+"""HERBS background suppression: the selector (METHODS.md §3, "Background suppression").
 
 Per image and stage, tokens are ranked by confidence and the top ``K_i`` are kept:
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from coarse2fine.errors import ConfigError, ModelError
 
-# Official K_i at Swin-L 384 px: 256, 128, 64, 32 of 2304, 576, 144, 144 tokens (SPEC 3).
+# Official K_i at Swin-L 384 px: 256, 128, 64, 32 of 2304, 576, 144, 144 tokens (METHODS.md §3).
 OFFICIAL_FRACTIONS = (256 / 2304, 128 / 576, 64 / 144, 32 / 144)
 RANKINGS = ("official", "paper")
 

@@ -1,4 +1,4 @@
-"""Comparing a learnt hierarchy with a reference taxonomy (SPEC 2.1 step 5), with scikit-learn metrics."""
+"""Comparing a learnt hierarchy with a reference taxonomy (METHODS.md §2.1 step 5), with scikit-learn metrics."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Learning HD-CNN's category hierarchy from a building block's held-out predictions (SPEC 2.1).
+"""Learning HD-CNN's category hierarchy from a building block's held-out predictions (METHODS.md §2.1).
 
-Steps 2-4 of SPEC 2.1: confusion matrix ``F`` -> distance ``D`` -> disjoint clustering ``P^d`` ->
+Steps 2-4 of METHODS.md §2.1: confusion matrix ``F`` -> distance ``D`` -> disjoint clustering ``P^d`` ->
 memberships ``u_k(j)`` -> overlapping partial sets ``S_k``. Plain numpy / scikit-learn.
 """
 
@@ -44,7 +44,7 @@ def _as_probs(probs: ArrayLike, targets: np.ndarray, num_classes: int) -> np.nda
 def confusion_matrix(
     predictions_or_probs: ArrayLike, targets: ArrayLike, num_classes: int, *, soft: bool = False
 ) -> np.ndarray:
-    """Row-normalised confusion matrix ``F`` (SPEC 2.1 step 2): ``F_ij`` = fraction of class i predicted j.
+    """Row-normalised confusion matrix ``F`` (METHODS.md §2.1 step 2): ``F_ij`` = fraction of class i predicted j.
 
     ``predictions_or_probs`` is either predicted labels ``(N,)`` or scores ``(N, C)`` (arg-max taken;
     with ``soft=True`` the probabilities themselves are averaged). A class with no sample gets a zero
@@ -72,7 +72,7 @@ def confusion_matrix(
 
 
 def distance_matrix(F: ArrayLike) -> np.ndarray:
-    """Class distance ``D = 1/2 [(J - F) + (J - F)^T]`` with zero diagonal (SPEC 2.1 step 2).
+    """Class distance ``D = 1/2 [(J - F) + (J - F)^T]`` with zero diagonal (METHODS.md §2.1 step 2).
 
     The paper writes ``I``; read literally (identity) every off-diagonal "distance" would be
     ``-(F_ij + F_ji)/2 <= 0``. We use the all-ones ``J``, which only adds 1 to every off-diagonal
@@ -97,7 +97,7 @@ def _check_distance(D: ArrayLike) -> np.ndarray:
 
 
 def spectral_affinity(D: ArrayLike, kind: str = "confusion", sigma: float | None = None) -> np.ndarray:
-    """Affinity for spectral clustering (SPEC 2.1 step 3).
+    """Affinity for spectral clustering (METHODS.md §2.1 step 3).
 
     ``confusion`` (default): ``A = 1 - D`` off the diagonal, i.e. the symmetrised confusion
     ``(F_ij + F_ji)/2``, plus a 1e-6 floor so that the graph is connected.
@@ -168,7 +168,7 @@ def cluster_classes(
     n_components: int | None = None,
     preference: float | None = None,
 ) -> np.ndarray:
-    """Disjoint map ``P^d`` (fine -> coarse), an int array (C,) in 0..K-1 (SPEC 2.1 step 3).
+    """Disjoint map ``P^d`` (fine -> coarse), an int array (C,) in 0..K-1 (METHODS.md §2.1 step 3).
 
     ``method="spectral"`` (paper, default): scikit-learn ``SpectralClustering`` on the precomputed
     :func:`spectral_affinity` of ``D``, seeded; exactly ``num_coarse`` groups.
@@ -237,7 +237,7 @@ def cluster_classes(
 
 
 def memberships(probs: ArrayLike, targets: ArrayLike, coarse_of: Sequence[int]) -> np.ndarray:
-    """``u_k(j)``, a (K, C) array (SPEC 2.1 step 4).
+    """``u_k(j)``, a (K, C) array (METHODS.md §2.1 step 4).
 
     ``B^d_ik = sum_{j': P^d(j')=k} B^f_ij'``; ``u_k(j)`` = mean of ``B^d_ik`` over held-out images of
     class j. A class with no held-out image belongs only to its own coarse category (logged).
@@ -292,7 +292,7 @@ def partial_sets(
     gamma: float = 5.0,
     max_size: int | None = None,
 ) -> list[list[int]]:
-    """Overlapping partial sets ``S_k`` (SPEC 2.1 step 4), each a sorted list of fine-class indices.
+    """Overlapping partial sets ``S_k`` (METHODS.md §2.1 step 4), each a sorted list of fine-class indices.
 
     Class j joins ``S_k`` if ``u_k(j) >= u_t = 1/(gamma K)``; a class always belongs to its own
     disjoint category, so ``gamma = 1/K`` (``u_t = 1``) gives the disjoint sets and ``gamma -> inf``
@@ -310,12 +310,12 @@ COARSE_TARGET_RULES = ("paper", "aggregation")
 
 
 def coarse_targets(partial_sets: Sequence[Sequence[int]], class_counts: ArrayLike, rule: str = "paper") -> np.ndarray:
-    """The consistency term's targets t_k (SPEC 2.3), a (K,) array summing to 1.
+    """The consistency term's targets t_k (METHODS.md §2.3), a (K,) array summing to 1.
 
     ``paper``: ``t_k = sum_{j in S_k} n_j / sum_k' sum_{j in S_k'} n_j``.
     ``aggregation``: ``t_k = 1/N sum_{j in S_k} n_j / m_j`` with m_j the number of partial sets
     holding class j: the mean B_ik of a coarse component that is always right, under the
-    L1-normalised aggregation of SPEC 2.2. The two agree when the partial sets are disjoint; with
+    L1-normalised aggregation of METHODS.md §2.2. The two agree when the partial sets are disjoint; with
     overlaps the paper's rule asks classes in few partial sets (e.g. a singleton) for less coarse
     probability than they need.
     """
@@ -354,7 +354,7 @@ def learn_hierarchy(
     seed: int = 0,
     affinity: str = "confusion",
 ) -> Hierarchy:
-    """SPEC 2.1 steps 2-4 end to end, from the building block's held-out softmax ``probs`` (N, C)."""
+    """METHODS.md §2.1 steps 2-4 end to end, from the building block's held-out softmax ``probs`` (N, C)."""
     names = [str(n) for n in class_names]
     c = len(names)
     t = _as_targets(targets, c)

@@ -1,4 +1,4 @@
-"""Picture of a learnt hierarchy (SPEC 2.1 step 5): the class matrix ordered by coarse category."""
+"""Picture of a learnt hierarchy (METHODS.md §2.1 step 5): the class matrix ordered by coarse category."""
 
 from __future__ import annotations
 

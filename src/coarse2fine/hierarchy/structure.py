@@ -1,4 +1,4 @@
-"""The category hierarchy as data (SPEC 2.1 step 5): a disjoint map, overlapping partial sets, JSON.
+"""The category hierarchy as data (METHODS.md §2.1 step 5): a disjoint map, overlapping partial sets, JSON.
 
 ``hierarchy.json`` (written by ``Hierarchy.save``, read by ``Hierarchy.load``)::
 

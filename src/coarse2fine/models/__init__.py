@@ -1,4 +1,4 @@
-"""Building blocks: VGG (SPEC §1), Network-in-Network (SPEC §2.4) and any timm model, as Backbones."""
+"""Building blocks: VGG (METHODS.md §1), Network-in-Network (METHODS.md §2.4) and any timm model, as Backbones."""
 
 from coarse2fine.models.base import Backbone, StageInfo
 from coarse2fine.models.factory import (

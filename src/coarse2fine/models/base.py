@@ -2,7 +2,7 @@
 
 Modelled on timm's ``features_only`` contract: stage outputs with channels and strides, a
 ``forward_features`` / ``forward_head`` split, ``reset_classifier``; plus ``split`` into the
-*preceding* (shared) and *rear* layers that HD-CNN needs (SPEC 2.2).
+*preceding* (shared) and *rear* layers that HD-CNN needs (METHODS.md §2.2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Network-in-Network, HD-CNN's CIFAR building block (SPEC §2.4, last bullet).
+"""Network-in-Network, HD-CNN's CIFAR building block (METHODS.md §2.4, last bullet).
 
 conv 5x5 192, 1x1 160, 1x1 96, max-pool 3/2, dropout; conv 5x5 192, 1x1 192, 1x1 192, avg-pool 3/2,
 dropout; conv 3x3 192, 1x1 192, 1x1 C, global average pool. ReLU after every conv; pools use
@@ -49,7 +49,7 @@ class NINHead(nn.Module):
 
 
 class NIN(Backbone):
-    """Network-in-Network with three mlpconv stages (SPEC §2.4)."""
+    """Network-in-Network with three mlpconv stages (METHODS.md §2.4)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""VGG building blocks (SPEC §1): configurations A, A-LRN, B, C, D, E and small-input variants.
+"""VGG building blocks (METHODS.md §1): configurations A, A-LRN, B, C, D, E and small-input variants.
 
 Each network is five (or, small variants, three to five) stages of 3x3 convolutions, each stage
 ending with its 2x2 max-pool, then an FC head sized to the final map at the default input size
@@ -144,7 +144,7 @@ class VGGHead(nn.Module):
 
 
 class VGG(Backbone):
-    """VGG network from a list of stages (SPEC §1).
+    """VGG network from a list of stages (METHODS.md §1).
 
     Args:
         stages: per stage, its convolutions (``c`` 3x3, ``(c, 1)`` 1x1).
@@ -232,7 +232,7 @@ class VGG(Backbone):
         self.num_classes = num_classes
 
     def to_dense(self) -> DenseVGG:
-        """Fully convolutional copy (SPEC §1 dense testing): FC1 -> conv with the final-map kernel."""
+        """Fully convolutional copy (METHODS.md §1 dense testing): FC1 -> conv with the final-map kernel."""
         return DenseVGG(self)
 
 
@@ -280,7 +280,7 @@ class DenseVGG(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: nn.Module, scheme: str) -> None:
-    """SPEC §1 initialisation: ``paper`` N(0, variance 1e-2) and zero bias; ``glorot``; ``kaiming``."""
+    """METHODS.md §1 initialisation: ``paper`` N(0, variance 1e-2) and zero bias; ``glorot``; ``kaiming``."""
     if scheme not in INITS:
         raise ModelError(f"unknown init {scheme!r}; valid: {', '.join(INITS)}")
     for m in model.modules():
@@ -308,7 +308,7 @@ def _conv_names(model_sd: Mapping[str, Any]) -> list[str]:
 
 @torch.no_grad()
 def init_from_shallower(model: VGG, state_dict: Mapping[str, Tensor], num_convs: int = 4) -> list[str]:
-    """Copy the first ``num_convs`` convs and all FC layers of a trained net (SPEC §1: from A).
+    """Copy the first ``num_convs`` convs and all FC layers of a trained net (METHODS.md §1: from A).
 
     Layers are matched by name (``stage3.conv2`` of A goes to ``stage3.conv2`` of D), so A's first
     four convs land on the first conv of stages 1-2 and the first two of stage 3. Returns the names
