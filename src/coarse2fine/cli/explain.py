@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from coarse2fine.errors import CheckpointError
-from coarse2fine.herbs import HERBS
-from coarse2fine.herbs.explain import explain_image, load_image
-from coarse2fine.recipes import load_trained
+from coarse2fine.recipes.explain import explain_images
 
 
 def register(subparsers: Any) -> None:
@@ -29,30 +23,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_explain)
 
 
-def eval_scale(train_scale: list[int] | None, test_scale: int | None, size: int) -> int:
-    """The evaluation resize Q of a file dataset, as ``data.build_transforms`` chooses it."""
-    if test_scale is not None:
-        return test_scale
-    scale = list(train_scale) if train_scale else [round(size * 256 / 224)]
-    return scale[0] if len(scale) == 1 else (scale[0] + scale[-1]) // 2
-
-
 def run_explain(args: argparse.Namespace) -> int:
-    trained = load_trained(args.checkpoint)
-    model, cfg, facts = trained.model, trained.cfg, trained.facts
-    if not isinstance(model, HERBS):
-        raise CheckpointError(
-            f"checkpoint {args.checkpoint!r} holds a {cfg.method!r} model; c2f explain needs method herbs"
-        )
-    model.to(torch.device(args.device)).eval()
-    size = facts.image_size
-    scale = None if facts.in_memory else eval_scale(cfg.data.train_scale, cfg.data.test_scale, size)
-    out_dir = Path(args.out)
-    for image_path in args.images:
-        image, shown = load_image(
-            image_path, in_chans=facts.in_chans, size=size, scale=scale, mean=facts.mean, std=facts.std
-        )
-        target = out_dir / f"{Path(image_path).stem}.png"
-        top = explain_image(model, image, trained.classes, target, display=shown, topk=args.topk)
-        print(f"{image_path} -> {target}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
+    pictures = explain_images(args.checkpoint, args.images, args.out, device=args.device, topk=args.topk)
+    for image, picture, top in pictures:
+        print(f"{image} -> {picture}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
     return 0

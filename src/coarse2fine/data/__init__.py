@@ -30,6 +30,7 @@ from coarse2fine.data.transforms import (
     PCAColorShift,
     build_transforms,
     compute_mean_std,
+    eval_scale,
     large_eval_transform,
     large_train_transform,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "class_counts",
     "compute_mean_std",
     "convert_mode",
+    "eval_scale",
     "large_eval_transform",
     "large_train_transform",
     "limit",

@@ -169,6 +169,19 @@ def large_eval_transform(mean: Sequence[float], std: Sequence[float], *, crop: i
     )
 
 
+def train_scales(train_scale: Sequence[int] | None, image_size: int) -> list[int]:
+    """The training scale S (``[S]`` fixed, ``[S_min, S_max]`` jittered); default ``round(size * 256 / 224)``."""
+    return list(train_scale) if train_scale else [round(image_size * 256 / 224)]
+
+
+def eval_scale(train_scale: Sequence[int] | None, test_scale: int | None, image_size: int) -> int:
+    """The evaluation resize Q of a file dataset: ``test_scale``, else S (fixed) or (S_min + S_max) // 2."""
+    if test_scale is not None:
+        return test_scale
+    scale = train_scales(train_scale, image_size)
+    return scale[0] if len(scale) == 1 else (scale[0] + scale[-1]) // 2
+
+
 def build_transforms(
     stats: dict[str, Any],
     *,
@@ -192,11 +205,11 @@ def build_transforms(
             BatchAugment(mean, std, size=image_size, train=True, pad=pad, flip=flip),
             BatchAugment(mean, std, size=image_size, train=False),
         )
-    scale = list(train_scale) if train_scale else [round(image_size * 256 / 224)]
-    q = test_scale if test_scale is not None else (scale[0] if len(scale) == 1 else (scale[0] + scale[-1]) // 2)
+    scale = train_scales(train_scale, image_size)
     train = large_train_transform(
         mean, std, crop=image_size, scale=scale, flip=flip, color_shift=color_shift, pca=stats
     )
+    q = eval_scale(train_scale, test_scale, image_size)
     return train, large_eval_transform(mean, std, crop=image_size, scale=q)
 
 
