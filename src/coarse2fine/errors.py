@@ -25,3 +25,9 @@ class ModelError(C2FError, ValueError):
 
 class HierarchyError(C2FError, ValueError):
     """A category hierarchy does not match the data or is malformed."""
+
+
+def describe_differences(*parts: tuple[str, list[str]]) -> str:
+    """The non-empty ``(template, items)`` parts of a mismatch joined for an error message; ``{n}`` in a
+    template is the count, the first three items follow (``("missing {n} key(s) e.g.", keys)``)."""
+    return "; ".join(f"{template.format(n=len(items))} {items[:3]}" for template, items in parts if items)

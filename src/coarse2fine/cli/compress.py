@@ -73,19 +73,13 @@ def _print_hdcnn_compression(result: dict[str, Any]) -> None:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    same = ("axis", "linear", "conv", "rear", "out", "seed", "backend", "overrides")  # option = request field
     req = CompressRequest(
         args.checkpoint,
         layers=None if args.auto else args.layers,
-        axis=args.axis,
-        linear=args.linear,
-        conv=args.conv,
-        rear=args.rear,
-        out=args.out,
         evaluate=args.eval,
-        seed=args.seed,
-        backend=args.backend,
-        overrides=args.overrides,
         progress=not args.quiet,
+        **{name: getattr(args, name) for name in same},
     )
     result = compress_checkpoint(req)
     if isinstance(result.report, dict):

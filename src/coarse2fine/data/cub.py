@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,22 @@ def clean_class_name(raw: str) -> str:
     return re.sub(r"^\d+\.", "", raw).replace("_", " ").strip()
 
 
+def find_list_folder(
+    root: str | os.PathLike[str] | None, defaults: Sequence[Path], subdir: str, dataset: str, hint: str = ""
+) -> Path:
+    """The folder (``root``, a default, or its ``subdir``) that holds the CUB-style list files."""
+    searched = []
+    for cand in candidate_roots(root, defaults):
+        searched += [cand, cand / subdir]
+    folder = find_root(searched, lambda p: all((p / f).is_file() for f in LIST_FILES))
+    if folder is None:
+        raise DataError(
+            f"{dataset} not found (looked in: {', '.join(map(str, searched))}); the folder must hold "
+            f"{', '.join(LIST_FILES)} and images/{hint}"
+        )
+    return folder
+
+
 class CUB200(ImageFileDataset):
     """CUB-200-2011 ``split`` ("train" / "test", the official split). ``raw_classes`` keeps the raw names."""
 
@@ -95,15 +112,8 @@ class CUB200(ImageFileDataset):
         alpha: str = "white",
     ) -> None:
         check_choice(split, ("train", "test"), "split")
-        searched = []
-        for cand in candidate_roots(root, self.DEFAULT_ROOTS):
-            searched += [cand, cand / "CUB_200_2011"]
-        folder = find_root(searched, lambda p: all((p / f).is_file() for f in LIST_FILES))
-        if folder is None:
-            raise DataError(
-                f"CUB-200-2011 not found (looked in: {', '.join(map(str, searched))}); the folder must hold "
-                f"{', '.join(LIST_FILES)} and images/ (extract CUB_200_2011.tgz and give its path as root)"
-            )
+        hint = " (extract CUB_200_2011.tgz and give its path as root)"
+        folder = find_list_folder(root, self.DEFAULT_ROOTS, "CUB_200_2011", "CUB-200-2011", hint)
         images, labels, flags = read_image_lists(folder)
         class_path = folder / "classes.txt"
         class_rows = [(_int(k, class_path, "class id"), v) for k, v in read_table(class_path)]

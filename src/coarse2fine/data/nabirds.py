@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from coarse2fine.data.base import ImageFileDataset, check_choice
-from coarse2fine.data.cub import _int, read_image_lists, read_table
-from coarse2fine.data.locate import candidate_roots, find_root
+from coarse2fine.data.cub import _int, find_list_folder, read_image_lists, read_table
 from coarse2fine.errors import ConfigError, DataError
 
 LIST_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt", "hierarchy.txt")
@@ -58,15 +57,7 @@ class NABirds(ImageFileDataset):
         check_choice(split, ("train", "test"), "split")
         if level != "parent" and not (isinstance(level, int) and level >= 1):
             raise ConfigError(f"NABirds hierarchy level={level!r}: use 'parent' or a depth >= 1")
-        searched = []
-        for cand in candidate_roots(root, self.DEFAULT_ROOTS):
-            searched += [cand, cand / "nabirds"]
-        folder = find_root(searched, lambda p: all((p / f).is_file() for f in LIST_FILES))
-        if folder is None:
-            raise DataError(
-                f"NABirds not found (looked in: {', '.join(map(str, searched))}); the folder must hold "
-                f"{', '.join(LIST_FILES)} and images/"
-            )
+        folder = find_list_folder(root, self.DEFAULT_ROOTS, "nabirds", "NABirds")
         images, labels, flags = read_image_lists(folder)
         class_path, tree_path = folder / "classes.txt", folder / "hierarchy.txt"
         names = {_int(k, class_path, "class id"): v for k, v in read_table(class_path)}

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from coarse2fine.engine.distributed import unwrap
-from coarse2fine.errors import CheckpointError
+from coarse2fine.errors import CheckpointError, describe_differences
 
 
 def _torch_write(obj: Any, f: IO[bytes]) -> None:
@@ -155,12 +155,8 @@ def check_compatible(
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
-        raise CheckpointError(f"{where} does not match the model architecture: {'; '.join(parts)}")
+        diff = describe_differences(("missing {n} key(s) e.g.", missing), ("unexpected {n} key(s) e.g.", unexpected))
+        raise CheckpointError(f"{where} does not match the model architecture: {diff}")
     for k, v in own.items():
         other = state[k]
         if hasattr(other, "shape") and tuple(other.shape) != tuple(v.shape):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -203,6 +203,17 @@ def _resolve_scales(
     return scales
 
 
+_VIEW_DEFAULTS: dict[str, Any] = {
+    "scales": None,
+    "train_scale": None,
+    "test_scale": None,
+    "flip": True,
+    "mean": None,
+    "std": None,
+    "max_batch": 256,
+}
+
+
 def predict_views(
     models: nn.Module | Sequence[nn.Module],
     images: Tensor | Sequence[Tensor],
@@ -289,26 +300,25 @@ def evaluate_protocol(
     batches: Iterable[tuple[Tensor | Sequence[Tensor], Tensor]],
     protocol: str = "center",
     *,
-    scales: Sequence[int] | None = None,
-    train_scale: Sequence[int] | None = None,
-    test_scale: int | None = None,
-    flip: bool = True,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    max_batch: int = 256,
     progress: bool = False,
+    **settings: Any,
 ) -> ProtocolResult:
     """Run ``protocol`` over a loader (or any iterable of ``(images, targets)``) with one or more models.
 
-    Models are put in eval mode (and restored). Returns ``(probs (N, C), targets (N,), views)`` as
-    numpy, so the engine's metrics apply; for fusion ``probs`` is the mean over the models.
-    ``max_batch`` bounds the images per forward pass (views are chunked); ``progress`` shows a tqdm bar.
+    ``settings``: the keyword arguments of :func:`predict_views` (scales, train_scale, test_scale, flip,
+    mean, std, max_batch). Models are put in eval mode (and restored). Returns ``(probs (N, C),
+    targets (N,), views)`` as numpy, so the engine's metrics apply; for fusion ``probs`` is the mean
+    over the models. ``progress`` shows a tqdm bar.
     """
-    model_list, runners, q = _setup(models, protocol, scales, train_scale, test_scale, max_batch)
+    s = {**_VIEW_DEFAULTS, **settings}
+    unknown = sorted(set(settings) - set(_VIEW_DEFAULTS))
+    if unknown:
+        raise TypeError(f"evaluate_protocol: unknown setting(s) {unknown}")
+    model_list, runners, q = _setup(models, protocol, s["scales"], s["train_scale"], s["test_scale"], s["max_batch"])
     probs, targets, views = [], [], 0
     with _eval_mode(model_list):
         for images, labels in tqdm(batches, desc=protocol, disable=not progress, leave=False):
-            p, views = _predict(runners, images, protocol, q, flip, mean, std)
+            p, views = _predict(runners, images, protocol, q, s["flip"], s["mean"], s["std"])
             probs.append(p.numpy())
             targets.append(torch.as_tensor(labels).cpu().numpy().astype(np.int64))
     if not probs:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from coarse2fine.errors import HierarchyError
+from coarse2fine.errors import HierarchyError, describe_differences
 
 FORMAT_VERSION = 1
 
@@ -142,12 +142,8 @@ class Hierarchy:
         missing = [n for n in data if n not in set(self.class_names)]
         extra = [n for n in self.class_names if n not in set(data)]
         if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"classes of the data missing from it: {missing}")
-            if extra:
-                parts.append(f"classes in it but not in the data: {extra}")
-            raise HierarchyError(f"{where} does not match the data; " + "; ".join(parts))
+            diff = describe_differences(("{n} class(es) of the data missing:", missing), ("{n} not in the data:", extra))
+            raise HierarchyError(f"{where} does not match the data; {diff}")
         if data != self.class_names:
             raise HierarchyError(
                 f"{where} lists the data's classes in another order; use Hierarchy.reorder()"

@@ -120,42 +120,36 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def eval_loader(cfg: RunConfig, dataset: Any, transform: Any, *, rank: int = 0, world_size: int = 1) -> Any:
-    """A loader that covers ``dataset`` exactly once across all processes, in order."""
-    d = cfg.data
-    batch = d.eval_batch_size or 2 * d.batch_size
+def _loader(
+    cfg: RunConfig, dataset: Any, transform: Any, batch_size: int, *, train: bool, rank: int, world_size: int
+) -> Any:
+    """Training loaders shuffle and drop the last partial batch; evaluation loaders cover the split once."""
     return D.build_loader(
         dataset,
         transform,
-        batch_size=max(1, batch // world_size),
-        shuffle=False,
-        drop_last=False,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
         seed=cfg.seed,
         rank=rank,
         world_size=world_size,
-        workers=d.workers,
+        workers=cfg.data.workers,
         pin_memory=cfg.train.device != "cpu",
-        pad_shards=False,
+        pad_shards=train,
     )
+
+
+def eval_loader(cfg: RunConfig, dataset: Any, transform: Any, *, rank: int = 0, world_size: int = 1) -> Any:
+    """A loader that covers ``dataset`` exactly once across all processes, in order."""
+    batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    return _loader(cfg, dataset, transform, max(1, batch // world_size), train=False, rank=rank, world_size=world_size)
 
 
 def build_loaders(cfg: RunConfig, bundle: DataBundle, *, rank: int = 0, world_size: int = 1) -> Loaders:
-    d = cfg.data
-    train = D.build_loader(
-        bundle.train,
-        bundle.train_transform,
-        batch_size=per_rank_batch(d.batch_size, world_size),
-        shuffle=True,
-        drop_last=True,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world_size,
-        workers=d.workers,
-        pin_memory=cfg.train.device != "cpu",
-    )
+    batch = per_rank_batch(cfg.data.batch_size, world_size)
     kw = {"rank": rank, "world_size": world_size}
     return Loaders(
-        train=train,
+        train=_loader(cfg, bundle.train, bundle.train_transform, batch, train=True, **kw),
         val=eval_loader(cfg, bundle.val, bundle.eval_transform, **kw),
         test=eval_loader(cfg, bundle.test, bundle.eval_transform, **kw),
     )

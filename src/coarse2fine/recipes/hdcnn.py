@@ -55,42 +55,21 @@ log = logging.getLogger(__name__)
 # ---- paths --------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
 class StagePaths:
     """Where every stage's output lives under the run directory."""
 
-    run_dir: Path
-
-    @property
-    def block(self) -> Path:
-        return self.run_dir / "block.pt"
-
-    @property
-    def hierarchy(self) -> Path:
-        return self.run_dir / "hierarchy.json"
-
-    @property
-    def hierarchy_png(self) -> Path:
-        return self.run_dir / "hierarchy.png"
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.block = self.run_dir / "block.pt"
+        self.hierarchy = self.run_dir / "hierarchy.json"
+        self.hierarchy_png = self.run_dir / "hierarchy.png"
+        self.init = self.run_dir / "hdcnn_init.pt"
+        self.final = self.run_dir / "hdcnn.pt"
+        self.report = self.run_dir / "hdcnn_report.json"
+        self.tradeoff_png = self.run_dir / "beta_tradeoff.png"
 
     def fine(self, k: int) -> Path:
         return self.run_dir / "fine" / f"component_{k}.pt"
-
-    @property
-    def init(self) -> Path:
-        return self.run_dir / "hdcnn_init.pt"
-
-    @property
-    def final(self) -> Path:
-        return self.run_dir / "hdcnn.pt"
-
-    @property
-    def report(self) -> Path:
-        return self.run_dir / "hdcnn_report.json"
-
-    @property
-    def tradeoff_png(self) -> Path:
-        return self.run_dir / "beta_tradeoff.png"
 
 
 # ---- model construction -------------------------------------------------------------------------
