@@ -142,7 +142,7 @@ class Hierarchy:
         missing = [n for n in data if n not in set(self.class_names)]
         extra = [n for n in self.class_names if n not in set(data)]
         if missing or extra:
-            diff = describe_differences(("{n} class(es) of the data missing:", missing), ("{n} not in the data:", extra))
+            diff = describe_differences(("{n} data class(es) missing:", missing), ("{n} not in the data:", extra))
             raise HierarchyError(f"{where} does not match the data; {diff}")
         if data != self.class_names:
             raise HierarchyError(
