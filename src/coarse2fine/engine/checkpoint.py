@@ -58,15 +58,28 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask like open() would
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write {path}: {exc}; the previous file is unchanged") from exc
+        # torch.save reports a failed write (e.g. a full disk) as a RuntimeError wrapping the OS error
+        if isinstance(exc, (OSError, RuntimeError)):
+            cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(
+                f"could not write {path}: {cause} ({free:,} bytes free on that disk); the previous file is unchanged"
+            ) from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -98,21 +111,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     A file carrying pickled code (classes, functions, ``__reduce__`` payloads) is refused unexecuted.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds pickled objects other than tensors and plain data "
-            f"(refused, nothing was executed): {first}"
+            f"(refused, nothing was executed): {_unpickler_reason(exc)}"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or truncated: {exc}") from exc
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or truncated: {_unpickler_reason(exc)}") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """What torch's loader refused, without its advice to retry with ``weights_only=False`` (unsafe)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), None)
+    if reason is None:
+        reason = next((ln for ln in lines if "weights_only" not in ln and "trust the source" not in ln), "")
+    return (reason or type(exc).__name__)[:300]
 
 
 def model_state_of(checkpoint: Mapping[str, Any], path: str | Path | None = None) -> Mapping[str, Any]:
