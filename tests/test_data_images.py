@@ -44,7 +44,8 @@ def test_folder_split_tree(tmp_path):
     [
         ({}, "no class folders"),
         ({"a": 2, "b": 0}, "b: class folder has no images"),
-        ({"Cat": 1, "cat": 1}, "class folders 'Cat' and 'cat' differ only in case"),
+        ({"Cat": 1, "cat": 1}, "class folders 'Cat' and 'cat' differ only in Unicode normalisation, case"),
+        ({"caf\u00e9": 1, "cafe\u0301": 1}, "class folders 'caf.+' and 'caf.+' differ only in Unicode normalisation"),
     ],
 )
 def test_folder_structure_errors(tmp_path, layout, message):
@@ -223,3 +224,13 @@ def test_folder_symlink_cycle_listed_once(tmp_path):
     (tmp_path / "b" / "same").symlink_to(tmp_path / "b", target_is_directory=True)
     ds = ImageFolderDataset(tmp_path)
     assert len(ds) == 3 and ds.targets.tolist() == [0, 0, 1]
+
+
+def test_class_names_are_nfc_and_split_folders_match_across_normalisations(tmp_path):
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    write_folder(tmp_path / "train", {decomposed: 2, "tea": 2})
+    write_folder(tmp_path / "test", {composed: 1, "tea": 1})
+    train = ImageFolderDataset(tmp_path, "train")
+    test = ImageFolderDataset(tmp_path, "test")
+    assert train.classes == test.classes == [composed, "tea"]
+    assert list(test.targets) == [0, 1] and len(train) == 4

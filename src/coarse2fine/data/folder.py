@@ -10,6 +10,7 @@ hidden files and folders too. Bad images follow the ``error | skip`` policy of
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,14 +26,21 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-def _check_duplicates(classes: list[str], folder: Path) -> None:
-    """Class folders whose names differ only in case or surrounding spaces would merge on other systems."""
+def _class_names(folder: Path) -> dict[str, str]:
+    """Class name (NFC-normalised) -> its folder's name on disk. Names that would merge elsewhere (the
+    same after NFC, case folding and stripping spaces: ``café`` composed and decomposed) are an error."""
+    out: dict[str, str] = {}
     seen: dict[str, str] = {}
-    for name in classes:
-        key = name.strip().casefold()
+    for name in _class_dirs(folder):
+        key = unicodedata.normalize("NFC", name).strip().casefold()
         if key in seen:
-            raise DataError(f"{folder}: class folders {seen[key]!r} and {name!r} differ only in case or spaces")
+            raise DataError(
+                f"{folder}: class folders {seen[key]!r} and {name!r} differ only in Unicode normalisation, case "
+                "or spaces (they look alike); rename one of them"
+            )
         seen[key] = name
+        out[unicodedata.normalize("NFC", name)] = name
+    return dict(sorted(out.items()))
 
 
 def _scan_class(folder: Path, extensions: tuple[str, ...]) -> tuple[list[str], int]:
@@ -98,24 +106,26 @@ class ImageFolderDataset(ImageFileDataset):
             )
         else:
             folder = class_root = root
-        classes = _class_dirs(class_root)
+        on_disk = _class_names(class_root)
+        classes = list(on_disk)
         if not classes:
             raise DataError(f"{class_root}: no class folders (expected {class_root}/<class name>/<images>)")
-        _check_duplicates(classes, class_root)
         if folder != class_root:
-            extra = sorted(set(_class_dirs(folder)) - set(classes))
+            on_disk = _class_names(folder)
+            extra = sorted(set(on_disk) - set(classes))
             if extra:
                 raise DataError(f"{folder}: class folder(s) {', '.join(extra)} are not in {class_root}")
         counts: list[int] = []
 
         def listing() -> Iterator[str]:  # one class folder at a time, straight into the packed table
             for name in classes:
-                files, ignored = _scan_class(folder / name, extensions) if (folder / name).is_dir() else ([], 0)
+                path = folder / on_disk.get(name, name)
+                files, ignored = _scan_class(path, extensions) if path.is_dir() else ([], 0)
                 if not files and not allow_empty and folder == class_root:
                     other = (
                         f" ({ignored} file(s) without an image extension {', '.join(extensions)})" if ignored else ""
                     )
-                    raise DataError(f"{folder / name}: class folder has no images{other}")
+                    raise DataError(f"{path}: class folder has no images{other}")
                 counts.append(len(files))
                 yield from files
 
