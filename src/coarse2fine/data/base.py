@@ -286,7 +286,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
             except OSError:
                 reason = "image file does not exist"
             if reason and self.bad_images == "error":
-                raise DataError(f"{path}: {reason} (use bad_images=skip to leave it out)")
+                raise DataError(f"{path}: {reason} (use --set data.bad_images=skip to leave it out)")
             if reason:
                 self.skipped[path] = reason
             keep.append(not reason)
@@ -301,7 +301,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
             img = load_image(path, self.mode, self.alpha)
         except DataError as exc:
             if self.bad_images == "error":
-                raise DataError(f"{exc} (use bad_images=skip to leave it out)") from None
+                raise DataError(f"{exc} (use --set data.bad_images=skip to leave it out)") from None
             if path not in self.skipped:
                 log.warning("skipping bad image %s", exc)
                 self.skipped[path] = str(exc)
