@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,15 @@ import pytest
 import torch
 
 from coarse2fine.engine import (
+    Callback,
     CrossEntropyObjective,
+    CSVLogger,
+    FitState,
     NonFiniteLossError,
     RunFolder,
+    TensorBoardLogger,
     TrainingInterrupted,
+    default_callbacks,
     evaluate,
     fit,
     load_checkpoint,
@@ -207,3 +213,55 @@ def test_empty_training_loader_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no batch"):
         run(tmp_path, batch_size=512)  # 256 samples, drop_last
 
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def on_fit_start(self, state: FitState) -> None:
+        self.calls.append(("start", state.epoch))
+
+    def on_step_end(self, step: int, values: Mapping[str, float]) -> None:
+        self.calls.append(("step", step, sorted(values)))
+
+    def on_epoch_end(self, epoch: int, record: Mapping[str, Any]) -> None:
+        self.calls.append(("epoch", epoch, record["val_top1"]))
+
+    def on_fit_end(self, state: FitState, error: BaseException | None) -> None:
+        self.calls.append(("end", state.epoch, type(error).__name__ if error is not None else None))
+
+
+def test_callbacks_get_every_hook_and_replace_the_default_loggers(tmp_path: Path) -> None:
+    rec = Recorder()
+    tr, va = make_loaders()
+    result = fit(
+        make_model(), CrossEntropyObjective(), tr, va, setup_of(epochs=2, log_every=4), RunFolder(tmp_path), [rec]
+    )
+    assert rec.calls[0] == ("start", 0) and rec.calls[-1] == ("end", 2, None)
+    assert [c[1:] for c in rec.calls if c[0] == "step"] == [(s, ["loss", "lr"]) for s in (4, 8, 12, 16)]
+    assert [c[1:] for c in rec.calls if c[0] == "epoch"] == [(r["epoch"], r["val_top1"]) for r in result.history]
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "tb").exists()
+
+
+def test_on_fit_end_gets_the_error(tmp_path: Path) -> None:
+    rec = Recorder()
+    tr, va = make_loaders()
+    with pytest.raises(NonFiniteLossError):
+        fit(make_model(), NaNAt(2), tr, va, setup_of(epochs=1), RunFolder(tmp_path), [rec])
+    assert rec.calls == [("start", 0), ("end", 0, "NonFiniteLossError")]
+
+
+def test_default_callbacks_are_loggers_chosen_by_name(tmp_path: Path) -> None:
+    run_folder = RunFolder(tmp_path)
+    assert [type(c) for c in default_callbacks(run_folder)] == [CSVLogger, TensorBoardLogger]
+    assert [type(c) for c in default_callbacks(run_folder, ["csv"])] == [CSVLogger]
+    with pytest.raises(ConfigError, match=r"unknown logger\(s\) 'mlflow'; choose from csv, tensorboard"):
+        default_callbacks(run_folder, ["mlflow"])
+
+
+def test_resumed_run_keeps_the_earlier_metrics_rows(tmp_path: Path) -> None:
+    run(tmp_path, epochs=1)
+    run(tmp_path, epochs=2, resume=True)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]
