@@ -41,7 +41,7 @@ def worker(args: argparse.Namespace) -> None:
     from coarse2fine.config import OptimConfig, ScheduleConfig, TrainConfig
     from coarse2fine.data.base import InMemoryDataset
     from coarse2fine.data.loader import build_loader
-    from coarse2fine.engine import CrossEntropyObjective, fit
+    from coarse2fine.engine import CrossEntropyObjective, FitSetup, RunFolder, fit
     from coarse2fine.engine import distributed as du
 
     info = du.init_distributed(device="cpu")
@@ -68,12 +68,9 @@ def worker(args: argparse.Namespace) -> None:
     )
     torch.manual_seed(0)
     model = vgg_like()
-    result = fit(
-        model, CrossEntropyObjective(), train, val,
-        train_cfg=TrainConfig(epochs=args.epochs, device="cpu", amp="off", threads=args.threads, keep_checkpoints=0),
-        optim_cfg=OptimConfig(lr=0.01), schedule_cfg=ScheduleConfig(name="constant"),
-        run_dir=Path(args.run_dir), config_dict={}, classes=classes, progress=False,
-    )  # fmt: skip
+    train_cfg = TrainConfig(epochs=args.epochs, device="cpu", amp="off", threads=args.threads, keep_checkpoints=0)
+    setup = FitSetup(train_cfg, OptimConfig(lr=0.01), ScheduleConfig(name="constant"), classes, progress=False)
+    result = fit(model, CrossEntropyObjective(), train, val, setup, RunFolder(Path(args.run_dir)))
     if du.is_main_process():
         last = result.history[-1]
         Path(args.result).write_text(json.dumps({"images_per_s": last["images_per_s"], "world": world}))

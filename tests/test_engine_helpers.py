@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from coarse2fine.config import OptimConfig, ScheduleConfig, TrainConfig
-from coarse2fine.engine import CrossEntropyObjective, FitResult, Objective, fit, predict_proba
+from coarse2fine.engine import CrossEntropyObjective, FitResult, FitSetup, Objective, RunFolder, fit, predict_proba
 from coarse2fine.engine import distributed as du
 from coarse2fine.errors import C2FError
 
@@ -130,6 +130,12 @@ def configs(**train: Any) -> tuple[TrainConfig, OptimConfig, ScheduleConfig]:
     )
 
 
+def setup_of(metadata: dict[str, Any] | None = None, **train: Any) -> FitSetup:
+    """The settings of ``configs(**train)`` for the tiny problem (seed 0, no progress bars)."""
+    tcfg, ocfg, scfg = configs(**train)
+    return FitSetup(tcfg, ocfg, scfg, CLASSES, seed=0, config={"seed": 0}, metadata=metadata or {}, progress=False)
+
+
 def make_loaders(
     batch_size: int = 32, rank: int = 0, world_size: int = 1, n_train: int = 256, n_val: int = 64, **kw: Any
 ) -> tuple[TinyLoader, TinyLoader]:
@@ -180,21 +186,9 @@ def run(
 ) -> tuple[TinyNet, FitResult]:
     model = make_model()
     tr, va = make_loaders(batch_size, rank, world_size, on_batch=on_batch)
-    tcfg, ocfg, scfg = configs(epochs=epochs, **train)
-    result = fit(
-        model,
-        objective if objective is not None else CrossEntropyObjective(),
-        tr,
-        va,
-        train_cfg=tcfg,
-        optim_cfg=ocfg,
-        schedule_cfg=scfg,
-        run_dir=run_dir,
-        config_dict={"seed": 0},
-        classes=CLASSES,
-        resume=resume,
-        progress=False,
-    )
+    objective = objective if objective is not None else CrossEntropyObjective()
+    setup = setup_of(epochs=epochs, **train)
+    result = fit(model, objective, tr, va, setup, RunFolder(run_dir, resume=resume))
     return model, result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,15 @@ import pytest
 import torch
 
 from coarse2fine.engine import (
+    Callback,
     CrossEntropyObjective,
+    CSVLogger,
+    FitState,
     NonFiniteLossError,
+    RunFolder,
+    TensorBoardLogger,
     TrainingInterrupted,
+    default_callbacks,
     evaluate,
     fit,
     load_checkpoint,
@@ -28,11 +35,11 @@ from test_engine_helpers import (
     NaNAt,
     assert_same_weights,
     comparable,
-    configs,
     make_loaders,
     make_model,
     reference_run,
     run,
+    setup_of,
 )
 
 
@@ -49,7 +56,7 @@ def test_fit_learns_separable_problem(reference: dict[str, Any]) -> None:
     assert final >= 0.9 and final > untrained.top1 + 0.4, (untrained.top1, final)
     assert result.best_val_top1 == max(r["val_top1"] for r in result.history)
     assert result.history[result.best_epoch - 1]["val_top1"] == result.best_val_top1
-    run_dir = result.paths["run_dir"]
+    run_dir = result.run.root
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     for col in (
@@ -66,8 +73,8 @@ def test_fit_learns_separable_problem(reference: dict[str, Any]) -> None:
     ):
         assert col in header
     assert len(rows) == 1 + EPOCHS
-    last = load_checkpoint(result.paths["last"])
-    best = load_checkpoint(result.paths["best"])
+    last = load_checkpoint(result.last_checkpoint)
+    best = load_checkpoint(result.best_checkpoint)
     assert last["epoch"] == EPOCHS and best["epoch"] == result.best_epoch
     assert last["classes"] == CLASSES and last["global_step"] == EPOCHS * STEPS_PER_EPOCH
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*.pt")) == [
@@ -79,20 +86,7 @@ def test_fit_learns_separable_problem(reference: dict[str, Any]) -> None:
 def test_dict_outputs_report_head_accuracy(tmp_path: Path) -> None:
     model = make_model(heads=True)
     tr, va = make_loaders()
-    tcfg, ocfg, scfg = configs(epochs=1, keep_checkpoints=0)
-    result = fit(
-        model,
-        CrossEntropyObjective(),
-        tr,
-        va,
-        train_cfg=tcfg,
-        optim_cfg=ocfg,
-        schedule_cfg=scfg,
-        run_dir=tmp_path,
-        config_dict={},
-        classes=CLASSES,
-        progress=False,
-    )
+    result = fit(model, CrossEntropyObjective(), tr, va, setup_of(epochs=1, keep_checkpoints=0), RunFolder(tmp_path))
     assert "val_aux_top1" in result.history[0]
     assert not list((tmp_path / "checkpoints").glob("epoch_*.pt"))
 
@@ -120,20 +114,7 @@ def test_resume_with_more_epochs_continues(tmp_path: Path) -> None:
 def _fit_nan(run_dir: Path, policy: str, at: int) -> Any:
     model = make_model()
     tr, va = make_loaders()
-    tcfg, ocfg, scfg = configs(epochs=EPOCHS, nan_policy=policy)
-    result = fit(
-        model,
-        NaNAt(at),
-        tr,
-        va,
-        train_cfg=tcfg,
-        optim_cfg=ocfg,
-        schedule_cfg=scfg,
-        run_dir=run_dir,
-        config_dict={},
-        classes=CLASSES,
-        progress=False,
-    )
+    result = fit(model, NaNAt(at), tr, va, setup_of(epochs=EPOCHS, nan_policy=policy), RunFolder(run_dir))
     return model, result
 
 
@@ -203,39 +184,12 @@ def test_signal_on_last_batch_completes_the_epoch(tmp_path: Path) -> None:
 def test_metadata_is_stored_as_plain_data(tmp_path: Path) -> None:
     model = make_model()
     tr, va = make_loaders()
-    tcfg, ocfg, scfg = configs(epochs=1)
     meta = {"hierarchy": {"groups": np.array([[0, 1], [2, 3]]), "k": np.int64(2), "names": ("a", "b")}}
-    fit(
-        model,
-        CrossEntropyObjective(),
-        tr,
-        va,
-        train_cfg=tcfg,
-        optim_cfg=ocfg,
-        schedule_cfg=scfg,
-        run_dir=tmp_path / "ok",
-        config_dict={},
-        classes=CLASSES,
-        metadata=meta,
-        progress=False,
-    )
+    fit(model, CrossEntropyObjective(), tr, va, setup_of(meta, epochs=1), RunFolder(tmp_path / "ok"))
     saved = load_checkpoint(tmp_path / "ok" / "checkpoints" / "last.pt")["metadata"]
     assert saved == {"hierarchy": {"groups": [[0, 1], [2, 3]], "k": 2, "names": ["a", "b"]}}
     with pytest.raises(CheckpointError, match=r"metadata\.bad: object is not plain data"):
-        fit(
-            model,
-            CrossEntropyObjective(),
-            tr,
-            va,
-            train_cfg=tcfg,
-            optim_cfg=ocfg,
-            schedule_cfg=scfg,
-            run_dir=tmp_path / "bad",
-            config_dict={},
-            classes=CLASSES,
-            metadata={"bad": object()},
-            progress=False,
-        )
+        fit(model, CrossEntropyObjective(), tr, va, setup_of({"bad": object()}, epochs=1), RunFolder(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize(
@@ -258,3 +212,56 @@ def test_bad_train_settings_are_config_errors(tmp_path: Path, override: dict[str
 def test_empty_training_loader_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no batch"):
         run(tmp_path, batch_size=512)  # 256 samples, drop_last
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def on_fit_start(self, state: FitState) -> None:
+        self.calls.append(("start", state.epoch))
+
+    def on_step_end(self, step: int, values: Mapping[str, float]) -> None:
+        self.calls.append(("step", step, sorted(values)))
+
+    def on_epoch_end(self, epoch: int, record: Mapping[str, Any]) -> None:
+        self.calls.append(("epoch", epoch, record["val_top1"]))
+
+    def on_fit_end(self, state: FitState, error: BaseException | None) -> None:
+        self.calls.append(("end", state.epoch, type(error).__name__ if error is not None else None))
+
+
+def test_callbacks_get_every_hook_and_replace_the_default_loggers(tmp_path: Path) -> None:
+    rec = Recorder()
+    tr, va = make_loaders()
+    result = fit(
+        make_model(), CrossEntropyObjective(), tr, va, setup_of(epochs=2, log_every=4), RunFolder(tmp_path), [rec]
+    )
+    assert rec.calls[0] == ("start", 0) and rec.calls[-1] == ("end", 2, None)
+    assert [c[1:] for c in rec.calls if c[0] == "step"] == [(s, ["loss", "lr"]) for s in (4, 8, 12, 16)]
+    assert [c[1:] for c in rec.calls if c[0] == "epoch"] == [(r["epoch"], r["val_top1"]) for r in result.history]
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "tb").exists()
+
+
+def test_on_fit_end_gets_the_error(tmp_path: Path) -> None:
+    rec = Recorder()
+    tr, va = make_loaders()
+    with pytest.raises(NonFiniteLossError):
+        fit(make_model(), NaNAt(2), tr, va, setup_of(epochs=1), RunFolder(tmp_path), [rec])
+    assert rec.calls == [("start", 0), ("end", 0, "NonFiniteLossError")]
+
+
+def test_default_callbacks_are_loggers_chosen_by_name(tmp_path: Path) -> None:
+    run_folder = RunFolder(tmp_path)
+    assert [type(c) for c in default_callbacks(run_folder)] == [CSVLogger, TensorBoardLogger]
+    assert [type(c) for c in default_callbacks(run_folder, ["csv"])] == [CSVLogger]
+    with pytest.raises(ConfigError, match=r"unknown logger\(s\) 'mlflow'; choose from csv, tensorboard"):
+        default_callbacks(run_folder, ["mlflow"])
+
+
+def test_resumed_run_keeps_the_earlier_metrics_rows(tmp_path: Path) -> None:
+    run(tmp_path, epochs=1)
+    run(tmp_path, epochs=2, resume=True)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]

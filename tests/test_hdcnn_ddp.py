@@ -6,6 +6,7 @@ alone writes the stage files and evaluates; the other ranks return without a rep
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -33,9 +34,10 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out_dir:
     real_fit = pipeline.fit
 
     def recording_fit(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run = inspect.signature(real_fit).bind(model, *args, **kwargs).arguments["run"]
         result = real_fit(model, *args, **kwargs)  # the weights each rank trained (before the best is loaded)
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        torch.save(params, Path(out_dir) / f"{Path(kwargs['run_dir']).name}.rank{rank}.pt")
+        torch.save(params, Path(out_dir) / f"{run.root.name}.rank{rank}.pt")
         return result
 
     pipeline.fit = recording_fit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -61,7 +62,8 @@ def _record_fits(monkeypatch: pytest.MonkeyPatch) -> list[dict]:  # also a Monke
     real_fit = pipeline.fit
 
     def recording_fit(model, objective, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append({"run_dir": Path(kwargs["run_dir"]).name, "resume": kwargs["resume"]})
+        run = inspect.signature(real_fit).bind(model, objective, *args, **kwargs).arguments["run"]
+        calls.append({"run_dir": run.root.name, "resume": run.resume})
         return real_fit(model, objective, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "fit", recording_fit)

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from coarse2fine.engine.distributed import unwrap
 from coarse2fine.errors import CheckpointError, describe_differences
@@ -103,6 +103,21 @@ def atomic_copy(src: str | Path, dst: str | Path) -> Path:
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     """Save ``state`` atomically with ``torch.save`` (the writer is ``_torch_write``)."""
     return atomic_write(path, lambda f: _torch_write(dict(state), f))
+
+
+def plain_data(value: Any, where: str) -> Any:
+    """``value`` as weights_only-loadable plain data (numpy scalars/arrays become Python numbers/lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool, Tensor)):
+        return value
+    raise CheckpointError(f"checkpoint {where}: {type(value).__name__} is not plain data (JSON-like or tensors)")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -1,11 +1,10 @@
 """The training loop: one flat loop for every model (after torchvision's reference ``train.py``).
 
-Any model whose output follows the training contract (logits tensor, or dict with ``"logits"`` and
-optional ``"heads"``) is trained with any ``Objective`` (named terms, total under ``"loss"``).
-
-Checkpoints (rank 0 only, written atomically) in ``run_dir/checkpoints``:
-``last.pt`` after every completed epoch (and once before the first, so a resume always has one),
-``epoch_XXX.pt`` (the last ``keep_checkpoints``), ``best.pt`` (best validation top-1).
+Any model whose output follows the training contract (docs/ARCHITECTURE.md: logits tensor, or dict
+with ``"logits"`` and optional ``"heads"``) is trained with any ``Objective`` (named terms, total
+under ``"loss"``). ``fit`` builds the optimizer, schedule and scaler, opens the ``RunFolder``
+(start, resume or refuse), then runs the epochs; checkpoints, metrics and TensorBoard scalars go to
+the run folder and the callbacks (``engine.callbacks``).
 
 Faults:
 - SIGINT/SIGTERM: the current step finishes, then training stops; ``last.pt`` is the last *completed*
@@ -15,17 +14,14 @@ Faults:
 - Non-finite loss: ``nan_policy="stop"`` raises ``NonFiniteLossError`` naming epoch and step, leaving the
   checkpoints of the last good epoch untouched; ``"skip"`` drops that batch (counted in
   ``skipped_steps``).
-- Resume: ``resume=True`` restores model, optimizer, scheduler, scaler, RNG, epoch and history from
-  ``last.pt``. Every epoch reseeds torch/numpy/random from ``(seed, epoch, rank)``, so on the CPU in
+- Resume: ``RunFolder(resume=True)`` restores model, optimizer, scheduler, scaler, RNG, epoch and history
+  from ``last.pt``. Every epoch reseeds torch/numpy/random from ``(seed, epoch, rank)``, so on the CPU in
   deterministic mode the resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import logging
 import math
 import os
 import random
@@ -43,24 +39,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from coarse2fine.config import OptimConfig, ScheduleConfig, TrainConfig
+from coarse2fine.config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, to_dict
 from coarse2fine.engine import distributed as du
-from coarse2fine.engine.checkpoint import (
-    atomic_copy,
-    atomic_write_json,
-    atomic_write_text,
-    check_compatible,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+from coarse2fine.engine.callbacks import Callback, default_callbacks
+from coarse2fine.engine.checkpoint import plain_data, rng_state, set_rng_state
+from coarse2fine.engine.evaluate import (
+    EvalResult,
+    apply_threads,
+    autocast,
+    autocast_dtype,
+    evaluate,
+    resolve_device,
+    to_device,
 )
-from coarse2fine.engine.evaluate import apply_threads, autocast, autocast_dtype, evaluate, resolve_device, to_device
 from coarse2fine.engine.objective import Objective, logits_of
 from coarse2fine.engine.optim import Scheduler, build_optimizer, build_scheduler
-from coarse2fine.errors import C2FError, CheckpointError, ConfigError
-
-log = logging.getLogger(__name__)
+from coarse2fine.engine.run_folder import FitState, RunFolder
+from coarse2fine.errors import C2FError, ConfigError
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -79,20 +74,53 @@ class NonFiniteLossError(C2FError):
     """The loss became NaN or infinite (``nan_policy="stop"``)."""
 
 
+@dataclass(frozen=True)
+class FitSetup:
+    """How to train: the settings, the class list, and what every checkpoint records besides the states."""
+
+    train: TrainConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    classes: Sequence[str]
+    seed: int = 0  # epoch seeds are (seed, epoch, rank)
+    config: Mapping[str, Any] = field(default_factory=dict)  # the resolved recipe (checkpoint "config")
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # plain data (checkpoint "metadata")
+    param_groups: Iterable[Any] | None = None  # optimizer groups; None: all of the model's parameters
+    desc: str = "train"  # progress-bar label
+    progress: bool = True
+
+    @classmethod
+    def from_run_config(
+        cls,
+        cfg: RunConfig,
+        classes: Sequence[str],
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        param_groups: Iterable[Any] | None = None,
+        desc: str = "train",
+        progress: bool = True,
+    ) -> FitSetup:
+        """The settings, seed and resolved config of ``cfg``."""
+        return cls(
+            cfg.train, cfg.optim, cfg.schedule, list(classes), cfg.seed, to_dict(cfg), dict(metadata or {}),
+            param_groups, desc, progress,
+        )  # fmt: skip
+
+
 @dataclass
 class FitResult:
     best_epoch: int  # 1-based epoch with the best validation top-1 (0: none completed)
     best_val_top1: float
     history: list[dict[str, Any]]  # one record per completed epoch (the rows of metrics.csv)
-    paths: dict[str, Path] = field(default_factory=dict)  # run_dir, last, best, metrics, tb
+    run: RunFolder
 
     @property
     def last_checkpoint(self) -> Path:
-        return self.paths["last"]
+        return self.run.last
 
     @property
     def best_checkpoint(self) -> Path:
-        return self.paths["best"]
+        return self.run.best
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -133,239 +161,266 @@ class _StopRequest(contextlib.AbstractContextManager["_StopRequest"]):
         self._old.clear()
 
     @property
+    def asked(self) -> bool:
+        return self.signum is not None
+
+    @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
 
 
-def _write_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    columns: list[str] = []
-    for rec in history:
-        columns += [k for k in rec if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for rec in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in rec.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-class _TensorBoard:
-    """Scalars to ``run_dir/tb`` on rank 0 (a no-op elsewhere or when tensorboard is missing)."""
-
-    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None) -> None:
-        self.writer = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                log.warning("tensorboard is not installed: no TensorBoard logs")
-                return
-            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
-
-    def scalars(self, values: Mapping[str, float], step: int, prefix: str) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 @dataclass
-class _State:
-    """What a checkpoint restores besides module states."""
+class Training:
+    """What ``fit`` builds before the loop; ``train_one_epoch`` runs on it."""
 
-    epoch: int = 0  # completed epochs
-    global_step: int = 0  # optimizer steps taken
-    best_metric: float = -1.0
-    best_epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module  # compiled and DDP-wrapped once the run folder is opened
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    scaler: torch.amp.GradScaler
+    setup: FitSetup
+    run: RunFolder
+    device: torch.device
+    dtype: torch.dtype | None
+    stop: _StopRequest
+    callbacks: Sequence[Callback]
+    state: FitState = field(default_factory=FitState)
 
 
 # ---- one epoch -----------------------------------------------------------------------------------
 
 
 @dataclass
-class _EpochOut:
-    record: dict[str, Any]
-    stopped: bool = False
+class EpochOut:
+    record: dict[str, Any]  # the epoch's averaged terms, accuracy, skipped steps and throughput
+    stopped: bool = False  # a signal stopped the epoch before its last batch
 
 
-def train_one_epoch(
-    model: nn.Module,
-    objective: Objective,
-    loader: Iterable[Any],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Scheduler,
-    scaler: torch.amp.GradScaler,
-    *,
-    cfg: TrainConfig,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    epoch: int,
-    epochs: int,
-    state: _State,
-    stop: _StopRequest,
-    tb: _TensorBoard,
-    progress: bool,
-    desc: str,
-    ckpt_hint: str,
-) -> _EpochOut:
-    """Train ``epoch`` (0-based); returns the epoch's averaged terms, accuracy and throughput."""
-    model.train()
-    n_batches = len(loader)  # type: ignore[arg-type]
-    accum = max(1, cfg.accumulate)
-    multi = du.world_size() > 1
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    term_sums: dict[str, Tensor] = {}
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    skipped = 0
-    in_window = 0  # batches backpropagated in the current accumulation window
-    stopped = False
-    start = time.perf_counter()
+def train_one_epoch(t: Training, loader: Any, epoch: int) -> EpochOut:
+    """Train ``epoch`` (0-based): forward, loss, backward, and a step every ``train.accumulate`` batches."""
+    cfg = t.setup.train
+    t.model.train()
+    n = len(loader)
+    meter = _EpochMeter(t.device)
     bar = tqdm(
         loader,
-        total=n_batches,
-        desc=f"{desc} {epoch + 1}/{epochs}",
-        disable=not progress or not du.is_main_process(),
+        total=n,
+        desc=f"{t.setup.desc} {epoch + 1}/{cfg.epochs}",
+        disable=not t.setup.progress or not du.is_main_process(),
         leave=False,
         dynamic_ncols=True,
     )
-    optimizer.zero_grad(set_to_none=True)
+    in_window = 0  # batches backpropagated in the current accumulation window
+    stopped = False
+    t.optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(bar):
-        images, targets = to_device(images, targets, device, cfg.channels_last)
-        window_end = (i + 1) % accum == 0 or i + 1 == n_batches
-        window_len = min(accum, n_batches - (i // accum) * accum)
-        sync = contextlib.nullcontext() if (window_end or not multi) else model.no_sync()  # type: ignore[operator]
-        with sync:
-            with autocast(device, dtype):
-                outputs = model(images)
-                terms = objective(outputs, targets)
+        images, targets = to_device(images, targets, t.device, cfg.channels_last)
+        window_end = (i + 1) % cfg.accumulate == 0 or i + 1 == n
+        with _grad_sync(t.model, window_end):
+            with autocast(t.device, t.dtype):
+                outputs = t.model(images)
+                terms = t.objective(outputs, targets)
             loss = terms["loss"]
-            bad = (~torch.isfinite(loss.detach())).float()
-            flags = du.all_reduce_max(torch.stack([bad, torch.full_like(bad, float(stop.signum is not None))]))
-            flags = flags.tolist()  # [any rank non-finite, any rank asked to stop]
-            if flags[0] > 0:
-                if cfg.nan_policy == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({float(loss.detach()):.4g}) at epoch {epoch + 1}, step {i + 1} of "
-                        f"{n_batches} (global step {state.global_step}); {ckpt_hint} holds the last good "
-                        f"epoch ({state.epoch}); lower optim.lr, set train.grad_clip or train.nan_policy=skip"
-                    )
-                skipped += 1
+            non_finite, stop = _any_rank(loss, t.stop)
+            if non_finite:
+                _apply_nan_policy(t, loss, epoch, i, n)
+                meter.skipped += 1
             else:
-                scaler.scale(loss / window_len).backward()
+                window = min(cfg.accumulate, n - (i // cfg.accumulate) * cfg.accumulate)
+                t.scaler.scale(loss / window).backward()
                 in_window += 1
-                bs = targets.shape[0]
-                seen += bs
-                for k, v in terms.items():
-                    v = v.detach().float()
-                    if v.ndim == 0:
-                        term_sums[k] = term_sums.get(k, torch.zeros((), device=device)) + v * bs
-                correct += (logits_of(outputs).detach().argmax(1) == targets).sum()
-        if window_end and in_window > 0:
-            if multi and flags[0] > 0:
-                _average_gradients(params)  # the skipped last batch did not trigger DDP's all-reduce
-            if cfg.grad_clip is not None and cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step_update()
-            state.global_step += 1
+                meter.add(terms, outputs, targets)
+        if window_end:
+            if in_window > 0:
+                _optimizer_step(t, average=non_finite)
+                _log_step(t, loss)
+            else:
+                t.optimizer.zero_grad(set_to_none=True)  # the whole window was skipped
             in_window = 0
-            if cfg.log_every > 0 and state.global_step % cfg.log_every == 0:
-                tb.scalars(
-                    {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]},
-                    state.global_step,
-                    "step",
-                )
-        elif window_end:
-            optimizer.zero_grad(set_to_none=True)  # the whole window was skipped
-            in_window = 0
-        if bar.disable is False and (i % 10 == 0 or i + 1 == n_batches):
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(
-                loss=f"{float(loss.detach()):.4f}",
-                acc=f"{int(correct) / max(seen, 1):.3f}",
-                img_s=f"{seen / elapsed:.0f}",
-            )
-        if flags[1] > 0 and i + 1 < n_batches:
+        if not bar.disable and (i % 10 == 0 or i + 1 == n):
+            bar.set_postfix(meter.postfix(loss))
+        if stop and i + 1 < n:
             stopped = True  # a stop on the last batch lets the epoch complete (and be checkpointed)
             break
     bar.close()
-    seconds = time.perf_counter() - start
-    names = sorted(term_sums)
-    packed = torch.stack(
-        [
-            *(term_sums[k] for k in names),
-            correct.float(),
-            torch.tensor(float(seen), device=device),
-        ]
-    ).double()
-    packed = du.all_reduce_sum(packed).tolist()
-    total_seen = packed[-1]
-    record: dict[str, Any] = {}
-    for k, s in zip(names, packed):
-        record[f"train_{k}"] = s / total_seen if total_seen else float("nan")
-    record["train_top1"] = packed[len(names)] / total_seen if total_seen else 0.0
-    record["skipped_steps"] = skipped  # the same on every rank (the non-finite flag is all-reduced)
-    record["train_seconds"] = seconds
-    record["images_per_s"] = total_seen / seconds if seconds > 0 else 0.0
-    return _EpochOut(record, stopped)
+    return EpochOut(meter.record(), stopped)
 
 
-def _average_gradients(params: Sequence[Tensor]) -> None:
-    size = du.world_size()
-    for p in params:
-        if p.grad is not None:
-            du.all_reduce_sum(p.grad).div_(size)
+class _EpochMeter:
+    """This rank's running sums of the loss terms and accuracy; ``record`` all-reduces them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, Tensor] = {}
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+        self.skipped = 0  # the same on every rank (the non-finite flag is all-reduced)
+        self.start = time.perf_counter()
+
+    def add(self, terms: Mapping[str, Tensor], outputs: Any, targets: Tensor) -> None:
+        bs = targets.shape[0]
+        self.seen += bs
+        for k, v in terms.items():
+            v = v.detach().float()
+            if v.ndim == 0:
+                self.sums[k] = self.sums.get(k, torch.zeros((), device=self.device)) + v * bs
+        self.correct += (logits_of(outputs).detach().argmax(1) == targets).sum()
+
+    def postfix(self, loss: Tensor) -> dict[str, str]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "loss": f"{float(loss.detach()):.4f}",
+            "acc": f"{int(self.correct) / max(self.seen, 1):.3f}",
+            "img_s": f"{self.seen / elapsed:.0f}",
+        }
+
+    def record(self) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.start
+        names = sorted(self.sums)
+        seen = torch.tensor(float(self.seen), device=self.device)
+        packed = torch.stack([*(self.sums[k] for k in names), self.correct.float(), seen]).double()
+        sums = du.all_reduce_sum(packed).tolist()
+        total = sums[-1]
+        record: dict[str, Any] = {f"train_{k}": s / total if total else float("nan") for k, s in zip(names, sums)}
+        record["train_top1"] = sums[len(names)] / total if total else 0.0
+        record["skipped_steps"] = self.skipped
+        record["train_seconds"] = seconds
+        record["images_per_s"] = total / seconds if seconds > 0 else 0.0
+        return record
+
+
+def _grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP all-reduces gradients only on the backward that ends an accumulation window."""
+    if sync or du.world_size() == 1:
+        return contextlib.nullcontext()
+    return model.no_sync()  # type: ignore[operator]
+
+
+def _any_rank(loss: Tensor, stop: _StopRequest) -> tuple[bool, bool]:
+    """(any rank's loss is non-finite, any rank was asked to stop): one all-reduce, so ranks act alike."""
+    bad = (~torch.isfinite(loss.detach())).float()
+    flags = du.all_reduce_max(torch.stack([bad, torch.full_like(bad, float(stop.asked))])).tolist()
+    return flags[0] > 0, flags[1] > 0
+
+
+def _apply_nan_policy(t: Training, loss: Tensor, epoch: int, i: int, n: int) -> None:
+    """``nan_policy="stop"``: raise, naming the step and the last good checkpoint; ``"skip"``: return."""
+    if t.setup.train.nan_policy == "stop":
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(loss.detach()):.4g}) at epoch {epoch + 1}, step {i + 1} of "
+            f"{n} (global step {t.state.global_step}); {t.run.last} holds the last good "
+            f"epoch ({t.state.epoch}); lower optim.lr, set train.grad_clip or train.nan_policy=skip"
+        )
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _optimizer_step(t: Training, average: bool) -> None:
+    """Clip, step, update the scaler and the per-step schedule.
+
+    ``average``: the window's last batch was skipped, so DDP's backward all-reduce did not run; do it here.
+    """
+    clip = t.setup.train.grad_clip
+    if average and du.world_size() > 1:
+        size = du.world_size()
+        for p in _params(t.optimizer):
+            if p.grad is not None:
+                du.all_reduce_sum(p.grad).div_(size)
+    if clip is not None and clip > 0:
+        t.scaler.unscale_(t.optimizer)
+        torch.nn.utils.clip_grad_norm_(_params(t.optimizer), clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scheduler.step_update()
+    t.state.global_step += 1
+
+
+def _log_step(t: Training, loss: Tensor) -> None:
+    every, step = t.setup.train.log_every, t.state.global_step
+    if every > 0 and step % every == 0:
+        values = {"loss": float(loss.detach()), "lr": t.optimizer.param_groups[0]["lr"]}
+        for cb in t.callbacks:
+            cb.on_step_end(step, values)
 
 
 # ---- fit -----------------------------------------------------------------------------------------
 
 
-def _checkpoint_state(
+def fit(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Scheduler,
-    scaler: torch.amp.GradScaler,
-    state: _State,
-    config_dict: Mapping[str, Any],
-    classes: Sequence[str],
-    metadata: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    return {
-        "model": du.unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": state.epoch,
-        "global_step": state.global_step,
-        "best_metric": state.best_metric,
-        "best_epoch": state.best_epoch,
-        "history": list(state.history),
-        "rng": rng_state(),
-        "config": _plain(config_dict, "config"),
-        "classes": list(classes),
-        "metadata": _plain(metadata or {}, "metadata"),
-        "world_size": du.world_size(),
-    }
+    objective: Objective,
+    train_loader: Any,
+    val_loader: Any,
+    setup: FitSetup,
+    run: RunFolder,
+    callbacks: Sequence[Callback] | None = None,
+) -> FitResult:
+    """Train ``model`` for ``setup.train.epochs`` epochs, validating and checkpointing each in ``run``.
 
-
-def _validate(train_cfg: TrainConfig, train_loader: Any) -> None:
-    if train_cfg.nan_policy not in NAN_POLICIES:
-        raise ConfigError(f"train.nan_policy: unknown value {train_cfg.nan_policy!r}; choose stop or skip")
-    if train_cfg.accumulate < 1:
-        raise ConfigError(f"train.accumulate: must be >= 1, got {train_cfg.accumulate}")
-    if train_cfg.epochs < 1:
-        raise ConfigError(f"train.epochs: must be >= 1, got {train_cfg.epochs}")
+    ``callbacks``: the hooks to call (None: ``default_callbacks(run)``, metrics.csv and TensorBoard).
+    """
+    cfg = setup.train
+    _check_settings(cfg)
     if len(train_loader) == 0:
         raise ConfigError("the training loader yields no batch: data.batch_size is larger than the training split")
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(cfg.amp, device)
+    apply_threads(cfg.threads)
+    callbacks = default_callbacks(run) if callbacks is None else list(callbacks)
+
+    with _determinism(cfg.deterministic, device), _StopRequest() as stop:
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        objective.to(device)
+        optimizer = build_optimizer(setup.param_groups if setup.param_groups is not None else model, setup.optim)
+        steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
+        scheduler = build_scheduler(optimizer, setup.schedule, steps_per_epoch, cfg.epochs)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        t = Training(model, objective, optimizer, scheduler, scaler, setup, run, device, dtype, stop, callbacks)
+        _start(t)
+
+        with _hooks(callbacks, t.state):
+            for epoch in range(t.state.epoch, cfg.epochs):
+                _begin_epoch(t, epoch, (train_loader, val_loader))
+                lr, t0 = optimizer.param_groups[0]["lr"], time.perf_counter()
+                out = train_one_epoch(t, train_loader, epoch)
+                if out.stopped:
+                    raise _interrupted(t, epoch + 1)
+                val = evaluate(
+                    t.model,
+                    val_loader,
+                    num_classes=len(setup.classes),
+                    device=device,
+                    amp=cfg.amp,
+                    channels_last=cfg.channels_last,
+                    progress=setup.progress,
+                    desc=f"{setup.desc} val",
+                )
+                scheduler.step_epoch(val.top1)
+                record = _epoch_record(epoch, lr, out.record, val, t0)
+                is_best = t.state.end_epoch(record, val.top1)
+                run.save_epoch(_checkpoint(t), epoch + 1, is_best, cfg.keep_checkpoints)
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch + 1, record)
+                du.barrier()
+                asked = du.all_reduce_max(torch.tensor([float(stop.asked)], device=device)).item() > 0
+                if asked and epoch + 1 < cfg.epochs:  # a signal during validation or saving
+                    raise _interrupted(t, epoch + 2)
+    return FitResult(t.state.best_epoch, t.state.best_metric, t.state.history, run)
+
+
+def _check_settings(cfg: TrainConfig) -> None:
+    """Range and choice checks of the settings (to move to ``config.py``'s load-time checks)."""
+    if cfg.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"train.nan_policy: unknown value {cfg.nan_policy!r}; choose stop or skip")
+    if cfg.accumulate < 1:
+        raise ConfigError(f"train.accumulate: must be >= 1, got {cfg.accumulate}")
+    if cfg.epochs < 1:
+        raise ConfigError(f"train.epochs: must be >= 1, got {cfg.epochs}")
 
 
 @contextlib.contextmanager
@@ -384,217 +439,85 @@ def _determinism(enabled: bool, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous[1]
 
 
-def fit(
-    model: nn.Module,
-    objective: Objective,
-    train_loader: Any,
-    val_loader: Any,
-    *,
-    train_cfg: TrainConfig,
-    optim_cfg: OptimConfig,
-    schedule_cfg: ScheduleConfig,
-    run_dir: str | Path,
-    config_dict: Mapping[str, Any],
-    classes: Sequence[str],
-    metadata: Mapping[str, Any] | None = None,
-    resume: bool = False,
-    param_groups: Iterable[Any] | None = None,
-    progress: bool = True,
-    desc: str = "train",
-    seed: int | None = None,
-    overwrite: bool = False,
-    resume_hint: str | None = None,
-) -> FitResult:
-    """Train ``model`` for ``train_cfg.epochs`` epochs; validate each epoch; checkpoint in ``run_dir``.
+def _start(t: Training) -> None:
+    """Open the run folder: restore ``last.pt`` or save the untrained state (so a resume always has one),
+    then compile and DDP-wrap the model."""
+    ckpt = t.run.open(t.setup.classes, t.model)
+    if ckpt is not None:
+        du.unwrap(t.model).load_state_dict(ckpt["model"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.scheduler.load_state_dict(ckpt["scheduler"])
+        t.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        t.state = FitState.from_checkpoint(ckpt)
+    else:
+        t.run.save_last(_checkpoint(t))
+    du.barrier()
+    cfg = t.setup.train
+    net: nn.Module = torch.compile(t.model) if cfg.compile else t.model
+    t.model = du.wrap_ddp(net, t.device, find_unused_parameters=cfg.find_unused_parameters)
 
-    ``param_groups``: optimizer groups (default: all of the model's parameters). ``seed``: default
-    ``config_dict["seed"]`` or 0. ``overwrite``: allow a fresh run over an existing ``last.pt``.
-    ``resume_hint``: the command that resumes this run (put in ``TrainingInterrupted``'s message).
-    """
-    _validate(train_cfg, train_loader)
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    paths = {
-        "run_dir": run_dir,
-        "last": ckpt_dir / "last.pt",
-        "best": ckpt_dir / "best.pt",
-        "metrics": run_dir / "metrics.csv",
-        "tb": run_dir / "tb",
-        "interrupted": ckpt_dir / "interrupted.json",
+
+@contextlib.contextmanager
+def _hooks(callbacks: Sequence[Callback], state: FitState) -> Iterator[None]:
+    """``on_fit_start`` before the epochs, ``on_fit_end`` after them, also when training fails."""
+    for cb in callbacks:
+        cb.on_fit_start(state)
+    try:
+        yield
+    except BaseException as exc:
+        for cb in callbacks:
+            cb.on_fit_end(state, exc)
+        raise
+    for cb in callbacks:
+        cb.on_fit_end(state, None)
+
+
+def _begin_epoch(t: Training, epoch: int, loaders: Sequence[Any]) -> None:
+    """Reseed from ``(seed, epoch, rank)`` and tell the objective and the loaders the epoch."""
+    seed_everything(epoch_seed(t.setup.seed, epoch, du.rank()))
+    t.objective.set_epoch(epoch)
+    for loader in loaders:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+
+
+def _epoch_record(epoch: int, lr: float, train: Mapping[str, Any], val: EvalResult, t0: float) -> dict[str, Any]:
+    """One row of metrics.csv."""
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train, "val_top1": val.top1, "val_top5": val.top5}
+    record.update({f"val_{h}_top1": v for h, v in val.heads.items()})
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def _checkpoint(t: Training) -> dict[str, Any]:
+    """A training checkpoint (layout: ``engine.checkpoint``)."""
+    s = t.state
+    return {
+        "model": du.unwrap(t.model).state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "epoch": s.epoch,
+        "global_step": s.global_step,
+        "best_metric": s.best_metric,
+        "best_epoch": s.best_epoch,
+        "history": list(s.history),
+        "rng": rng_state(),
+        "config": plain_data(t.setup.config, "config"),
+        "classes": list(t.setup.classes),
+        "metadata": plain_data(t.setup.metadata, "metadata"),
+        "world_size": du.world_size(),
     }
-    main = du.is_main_process()
-    rank = du.rank()
-    seed = int(config_dict.get("seed", 0)) if seed is None else seed
-    hint = resume_hint or f"run the same command again with resume enabled (fit(..., resume=True), run_dir={run_dir})"
-    device = resolve_device(train_cfg.device)
-    dtype = autocast_dtype(train_cfg.amp, device)
-    apply_threads(train_cfg.threads)
-    num_classes = len(classes)
-
-    with _determinism(train_cfg.deterministic, device), _StopRequest() as stop:
-        model.to(device)
-        if train_cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        objective.to(device)
-        optimizer = build_optimizer(param_groups if param_groups is not None else model, optim_cfg)
-        steps_per_epoch = math.ceil(len(train_loader) / max(1, train_cfg.accumulate))
-        scheduler = build_scheduler(optimizer, schedule_cfg, steps_per_epoch, train_cfg.epochs)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        state = _State()
-
-        have_last = paths["last"].is_file()
-        du.barrier()  # every rank decides before rank 0 writes anything
-        if resume and have_last:
-            ckpt = load_checkpoint(paths["last"])
-            check_compatible(ckpt, classes, model, paths["last"])
-            du.unwrap(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            state = _State(
-                ckpt["epoch"],
-                ckpt["global_step"],
-                ckpt["best_metric"],
-                ckpt["best_epoch"],
-                list(ckpt["history"]),
-            )
-            log.info("resumed from %s after epoch %d", paths["last"], state.epoch)
-            if main and paths["interrupted"].exists():
-                paths["interrupted"].unlink()
-        else:
-            if resume:
-                log.warning("resume requested but %s does not exist: starting from scratch", paths["last"])
-            elif have_last and not overwrite:
-                raise CheckpointError(
-                    f"{paths['last']} already exists: resume that run, or choose another run name / out_dir"
-                )
-            if main:
-                save_checkpoint(
-                    _checkpoint_state(model, optimizer, scheduler, scaler, state, config_dict, classes, metadata),
-                    paths["last"],
-                )
-        du.barrier()
-
-        net: nn.Module = torch.compile(model) if train_cfg.compile else model
-        net = du.wrap_ddp(net, device, find_unused_parameters=train_cfg.find_unused_parameters)
-        tb = _TensorBoard(paths["tb"], enabled=main, purge_step=state.global_step if resume else None)
-        try:
-            for epoch in range(state.epoch, train_cfg.epochs):
-                seed_everything(epoch_seed(seed, epoch, rank))
-                objective.set_epoch(epoch)
-                for loader in (train_loader, val_loader):
-                    if hasattr(loader, "set_epoch"):
-                        loader.set_epoch(epoch)
-                lr = optimizer.param_groups[0]["lr"]
-                t0 = time.perf_counter()
-                out = train_one_epoch(
-                    net,
-                    objective,
-                    train_loader,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    cfg=train_cfg,
-                    device=device,
-                    dtype=dtype,
-                    epoch=epoch,
-                    epochs=train_cfg.epochs,
-                    state=state,
-                    stop=stop,
-                    tb=tb,
-                    progress=progress,
-                    desc=desc,
-                    ckpt_hint=str(paths["last"]),
-                )
-                if out.stopped:
-                    raise _interrupted(stop, epoch + 1, state, paths, hint, main)
-                val = evaluate(
-                    net,
-                    val_loader,
-                    num_classes=num_classes,
-                    device=device,
-                    amp=train_cfg.amp,
-                    channels_last=train_cfg.channels_last,
-                    progress=progress,
-                    desc=f"{desc} val",
-                )
-                scheduler.step_epoch(val.top1)
-                record: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    **out.record,
-                    "val_top1": val.top1,
-                    "val_top5": val.top5,
-                }
-                record.update({f"val_{h}_top1": v for h, v in val.heads.items()})
-                record["seconds"] = time.perf_counter() - t0
-                state.epoch = epoch + 1
-                state.history.append(record)
-                is_best = val.top1 > state.best_metric
-                if is_best:
-                    state.best_metric, state.best_epoch = val.top1, epoch + 1
-                if main:
-                    ckpt_state = _checkpoint_state(
-                        net, optimizer, scheduler, scaler, state, config_dict, classes, metadata
-                    )
-                    save_checkpoint(ckpt_state, paths["last"])
-                    atomic_copy(paths["last"], ckpt_dir / f"epoch_{epoch + 1:03d}.pt")
-                    if is_best:
-                        atomic_copy(paths["last"], paths["best"])
-                    _prune(ckpt_dir, train_cfg.keep_checkpoints)
-                    _write_csv(paths["metrics"], state.history)
-                    tb.scalars(record, epoch + 1, "epoch")
-                du.barrier()
-                asked = du.all_reduce_max(torch.tensor([float(stop.signum is not None)], device=device))
-                if asked.item() > 0 and epoch + 1 < train_cfg.epochs:  # signal during validation / saving
-                    raise _interrupted(stop, epoch + 2, state, paths, hint, main)
-        finally:
-            tb.close()
-    return FitResult(state.best_epoch, state.best_metric, state.history, paths)
 
 
-def _interrupted(
-    stop: _StopRequest, in_epoch: int, state: _State, paths: Mapping[str, Path], hint: str, main: bool
-) -> TrainingInterrupted:
-    """Write ``checkpoints/interrupted.json`` (rank 0) and build the exception to raise."""
-    if main:
-        atomic_write_json(
-            paths["interrupted"],
-            {
-                "signal": stop.name,
-                "interrupted_in_epoch": in_epoch,
-                "last_completed_epoch": state.epoch,
-                "global_step": state.global_step,
-                "checkpoint": str(paths["last"]),
-                "resume": hint,
-            },
-        )
+def _interrupted(t: Training, in_epoch: int) -> TrainingInterrupted:
+    """Write the interrupted record (rank 0) and build the exception to raise."""
+    t.run.mark_interrupted(t.stop.name, in_epoch, t.state)
     return TrainingInterrupted(
-        f"training stopped by {stop.name} during epoch {in_epoch}; {paths['last']} holds epoch "
-        f"{state.epoch} (a partial epoch is replayed on resume). To resume: {hint}",
-        checkpoint=paths["last"],
-        epoch=state.epoch,
-        signal_name=stop.name,
+        f"training stopped by {t.stop.name} during epoch {in_epoch}; {t.run.last} holds epoch "
+        f"{t.state.epoch} (a partial epoch is replayed on resume). To resume: {t.run.hint}",
+        checkpoint=t.run.last,
+        epoch=t.state.epoch,
+        signal_name=t.stop.name,
     )
-
-
-def _plain(value: Any, where: str) -> Any:
-    """``value`` as weights_only-loadable plain data (numpy scalars/arrays become Python numbers/lists)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (str, int, float, bool, Tensor)):
-        return value
-    raise CheckpointError(f"checkpoint {where}: {type(value).__name__} is not plain data (JSON-like or tensors)")
-
-
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    epochs = sorted(ckpt_dir.glob("epoch_*.pt"))
-    for old in epochs[: max(0, len(epochs) - max(keep, 0))]:
-        old.unlink(missing_ok=True)

@@ -39,7 +39,8 @@ from coarse2fine.engine import distributed as du
 from coarse2fine.engine.checkpoint import atomic_write_json, check_compatible, load_checkpoint, save_checkpoint
 from coarse2fine.engine.evaluate import apply_threads, predict_proba
 from coarse2fine.engine.objective import CrossEntropyObjective
-from coarse2fine.engine.trainer import fit
+from coarse2fine.engine.run_folder import RunFolder
+from coarse2fine.engine.trainer import FitSetup, fit
 from coarse2fine.errors import ConfigError, HierarchyError
 from coarse2fine.facts import HDCNNFacts, RunFacts
 from coarse2fine.hdcnn import HDCNN, HDCNNObjective, plot_tradeoff, split_block
@@ -50,6 +51,8 @@ from coarse2fine.recipes.hierarchy import learn_from_probs, write_hierarchy
 from coarse2fine.recipes.models import build_backbone, build_hdcnn_model
 
 log = logging.getLogger(__name__)
+
+STAGE_RESUME_HINT = "run the same command again (c2f hdcnn fit resumes unfinished stages)"
 
 
 # ---- paths --------------------------------------------------------------------------------------
@@ -137,26 +140,12 @@ def _fit_stage(
     ``resume``: continue from the stage's ``checkpoints/last.pt`` when there is one; otherwise (a
     restart) an old run of the stage is overwritten.
     """
-    started = (run_dir / "checkpoints" / "last.pt").is_file()
-    result = fit(
-        model,
-        objective,
-        loaders.train,
-        loaders.val,
-        train_cfg=cfg.train,
-        optim_cfg=cfg.optim,
-        schedule_cfg=cfg.schedule,
-        run_dir=run_dir,
-        config_dict=to_dict(cfg),
-        classes=facts.classes,
-        metadata=facts.to_dict(),
-        resume=resume and started,
-        overwrite=not resume,
-        param_groups=param_groups,
-        progress=progress,
-        desc=desc,
-        resume_hint="run the same command again (c2f hdcnn fit resumes unfinished stages)",
+    started = RunFolder(run_dir).started
+    run = RunFolder(run_dir, resume=resume and started, overwrite=not resume, resume_hint=STAGE_RESUME_HINT)
+    setup = FitSetup.from_run_config(
+        cfg, facts.classes, facts.to_dict(), param_groups=param_groups, desc=desc, progress=progress
     )
+    result = fit(model, objective, loaders.train, loaders.val, setup, run)
     best = result.best_checkpoint if result.best_checkpoint.is_file() else result.last_checkpoint
     ckpt = load_checkpoint(best)
     model.load_state_dict(ckpt["model"])

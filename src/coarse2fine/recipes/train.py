@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from coarse2fine.config import RunConfig, to_dict
-from coarse2fine.engine import EvalResult, evaluate, fit, save_eval_artifacts
+from coarse2fine.engine import EvalResult, FitSetup, RunFolder, evaluate, fit, save_eval_artifacts
 from coarse2fine.engine import distributed as du
 from coarse2fine.engine.checkpoint import atomic_write_json, atomic_write_text
 from coarse2fine.engine.evaluate import apply_threads
@@ -73,27 +73,11 @@ def train_run(
     facts = bundle.facts()
     model, objective = build_model_and_objective(cfg, facts)
     run_dir = cfg.run_dir
-    existing = (Path(run_dir) / "checkpoints" / "last.pt").exists()
-    if du.is_main_process() and (resume or overwrite or not existing):  # else fit refuses; keep the old config
+    run = RunFolder(run_dir, resume=resume, overwrite=overwrite, resume_hint=resume_hint)
+    if du.is_main_process() and (resume or overwrite or not run.started):  # else fit refuses; keep the old config
         save_resolved_config(cfg, run_dir)
-    result = fit(
-        model,
-        objective,
-        loaders.train,
-        loaders.val,
-        train_cfg=cfg.train,
-        optim_cfg=cfg.optim,
-        schedule_cfg=cfg.schedule,
-        run_dir=run_dir,
-        config_dict=to_dict(cfg),
-        classes=bundle.classes,
-        metadata=facts.to_dict(),
-        resume=resume,
-        progress=progress,
-        seed=cfg.seed,
-        overwrite=overwrite,
-        resume_hint=resume_hint,
-    )
+    setup = FitSetup.from_run_config(cfg, bundle.classes, facts.to_dict(), progress=progress)
+    result = fit(model, objective, loaders.train, loaders.val, setup, run)
     test_result = None
     if evaluate_test:
         best = load_trained(result.best_checkpoint, classes=bundle.classes)

@@ -1,0 +1,186 @@
+"""The run folder of one ``fit``: where its checkpoints, metrics and fault records live.
+
+Layout (docs/ARCHITECTURE.md, training contract)::
+
+    <root>/checkpoints/last.pt          after every completed epoch (and once before the first)
+    <root>/checkpoints/best.pt          the epoch with the best validation top-1
+    <root>/checkpoints/epoch_XXX.pt     the last ``train.keep_checkpoints`` epochs
+    <root>/checkpoints/interrupted.json what a SIGINT/SIGTERM stopped, and how to resume
+    <root>/metrics.csv                  one row per completed epoch
+    <root>/tb/                          TensorBoard scalars
+
+Only rank 0 writes; every write is atomic (``engine.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from coarse2fine.engine import distributed as du
+from coarse2fine.engine.checkpoint import (
+    atomic_copy,
+    atomic_write_json,
+    atomic_write_text,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+)
+from coarse2fine.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitState:
+    """A run's progress: what a checkpoint restores besides module states."""
+
+    epoch: int = 0  # completed epochs
+    global_step: int = 0  # optimizer steps taken
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per completed epoch
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any]) -> FitState:
+        return cls(ckpt["epoch"], ckpt["global_step"], ckpt["best_metric"], ckpt["best_epoch"], list(ckpt["history"]))
+
+    def end_epoch(self, record: dict[str, Any], metric: float) -> bool:
+        """Count a completed epoch; True when ``metric`` (validation top-1) is the best so far."""
+        self.epoch = record["epoch"]
+        self.history.append(record)
+        if metric > self.best_metric:
+            self.best_metric, self.best_epoch = metric, self.epoch
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The directory ``root`` of one run and how ``fit`` opens it.
+
+    ``resume``: continue from ``checkpoints/last.pt`` (a fresh start, with a warning, when there is none).
+    ``overwrite``: allow a fresh run over an existing ``last.pt`` (otherwise refused).
+    ``resume_hint``: the command that resumes this run (in the interrupted record and its error).
+    """
+
+    root: Path
+    resume: bool = False
+    overwrite: bool = False
+    resume_hint: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:03d}.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def tb(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def interrupted(self) -> Path:
+        return self.checkpoints / "interrupted.json"
+
+    @property
+    def started(self) -> bool:
+        """A run was started here (it has a ``last.pt``)."""
+        return self.last.is_file()
+
+    @property
+    def hint(self) -> str:
+        return self.resume_hint or (
+            f"run the same command again with resume enabled (RunFolder(..., resume=True), root={self.root})"
+        )
+
+    def open(self, classes: Sequence[str], model: nn.Module) -> dict[str, Any] | None:
+        """Start, resume or refuse: the checkpoint to resume from, or None for a fresh start.
+
+        Every rank decides before rank 0 writes anything. Resuming checks that ``last.pt`` was trained
+        on ``classes`` with ``model``'s architecture and removes a stale interrupted record.
+        """
+        have_last = self.started
+        du.barrier()
+        if self.resume and have_last:
+            ckpt = load_checkpoint(self.last)
+            check_compatible(ckpt, classes, model, self.last)
+            log.info("resumed from %s after epoch %d", self.last, ckpt["epoch"])
+            if du.is_main_process() and self.interrupted.exists():
+                self.interrupted.unlink()
+            return ckpt
+        if self.resume:
+            log.warning("resume requested but %s does not exist: starting from scratch", self.last)
+        elif have_last and not self.overwrite:
+            raise CheckpointError(f"{self.last} already exists: resume that run, or choose another run name / out_dir")
+        return None
+
+    def save_last(self, state: Mapping[str, Any]) -> None:
+        """``last.pt`` (rank 0)."""
+        if du.is_main_process():
+            save_checkpoint(state, self.last)
+
+    def save_epoch(self, state: Mapping[str, Any], epoch: int, is_best: bool, keep: int) -> None:
+        """``last.pt``, ``epoch_XXX.pt`` (the last ``keep`` of them) and, if ``is_best``, ``best.pt`` (rank 0)."""
+        if not du.is_main_process():
+            return
+        save_checkpoint(state, self.last)
+        atomic_copy(self.last, self.epoch_checkpoint(epoch))
+        if is_best:
+            atomic_copy(self.last, self.best)
+        self._prune(keep)
+
+    def _prune(self, keep: int) -> None:
+        epochs = sorted(self.checkpoints.glob("epoch_*.pt"))
+        for old in epochs[: max(0, len(epochs) - max(keep, 0))]:
+            old.unlink(missing_ok=True)
+
+    def write_metrics(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """``metrics.csv``: one row per record, the union of their keys as columns (rank 0)."""
+        if not du.is_main_process():
+            return
+        columns: list[str] = []
+        for rec in history:
+            columns += [k for k in rec if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        for rec in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in rec.items()})
+        atomic_write_text(self.metrics, buf.getvalue())
+
+    def mark_interrupted(self, signal_name: str, in_epoch: int, state: FitState) -> None:
+        """``checkpoints/interrupted.json`` (rank 0): the signal, the epoch it stopped, how to resume."""
+        if du.is_main_process():
+            record = {
+                "signal": signal_name,
+                "interrupted_in_epoch": in_epoch,
+                "last_completed_epoch": state.epoch,
+                "global_step": state.global_step,
+                "checkpoint": str(self.last),
+                "resume": self.hint,
+            }
+            atomic_write_json(self.interrupted, record)
