@@ -4,6 +4,7 @@ the formatting of percentages."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from coarse2fine.config import RunConfig, load_config
 
@@ -29,6 +30,15 @@ def add_config(p: argparse.ArgumentParser, *, required: bool = False, default: s
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """The one progress switch of every verb."""
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def checkpoint_verb(subparsers: Any, name: str, help: str, description: str, checkpoint_help: str) -> Any:
+    """A verb working on a trained checkpoint: ``--checkpoint``, ``--set`` on its config and ``--quiet``."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    add_set(p, "a value of the checkpoint's config, e.g. data.root=/data")
+    add_quiet(p)
+    return p
 
 
 def resolve_config(args: argparse.Namespace, extra: list[str] | None = None) -> RunConfig:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from coarse2fine.cli.common import add_quiet, add_set
+from coarse2fine.cli.common import checkpoint_verb
 from coarse2fine.recipes.compress import CompressRequest, compress_checkpoint
 
 
 def register(subparsers: Any) -> None:
-    c = subparsers.add_parser(
+    c = checkpoint_verb(
+        subparsers,
         "compress",
         help="product-quantise a trained model's layers (HD-CNN compression)",
         description="Each chosen layer's weight (conv flattened to out x in*kh*kw) is split into column "
         "segments of width s, k-means with k centres per segment, uint8 codes + fp32 centres (METHODS.md §2.4); "
         "axis 'columns' quantises the transposed weight instead (better for layers with few rows). "
         "Saves a checkpoint whose metadata names the compressed layers.",
+        checkpoint_help="a training checkpoint",
     )
-    c.add_argument("--checkpoint", required=True, help="a training checkpoint")
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--layers",
@@ -50,8 +51,6 @@ def register(subparsers: Any) -> None:
         default="sklearn",
         help="k-means: scikit-learn per segment, or batched torch (fast for big layers, uses the GPU)",
     )
-    add_set(c, "a value of the checkpoint's config, e.g. data.root=/data")
-    add_quiet(c)
     c.set_defaults(func=run_compress)
 
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from coarse2fine.cli.common import add_quiet, add_set
+from coarse2fine.cli.common import checkpoint_verb
 from coarse2fine.recipes.hierarchy import HierarchyRequest, hierarchy_from_checkpoint
 
 
 def register(subparsers: Any) -> None:
-    h = subparsers.add_parser(
+    h = checkpoint_verb(
+        subparsers,
         "hierarchy",
         help="learn HD-CNN's category hierarchy from a trained building block",
         description="Softmax of the checkpoint's model on the held-out (validation) split -> confusion "
         "matrix -> clustering into coarse categories -> overlapping partial sets (METHODS.md §2.1). Writes "
         "hierarchy.json, hierarchy.png and hierarchy_report.json, prints the groups and their agreement "
         "(ARI / NMI) with the reference taxonomy.",
+        checkpoint_help="a training checkpoint, e.g. RUN/checkpoints/best.pt",
     )
-    h.add_argument("--checkpoint", required=True, help="a training checkpoint, e.g. RUN/checkpoints/best.pt")
     h.add_argument("--num-coarse", type=int, default=None, help="K (default: the config's hdcnn.num_coarse)")
     h.add_argument(
         "--method",
@@ -32,8 +33,6 @@ def register(subparsers: Any) -> None:
     h.add_argument("--reference", default=None, help="JSON {coarse: [fine, ...]} to compare with")
     h.add_argument("--seed", type=int, default=None, help="clustering seed (default: the config's seed)")
     h.add_argument("--out", default=None, help="output folder (default: the checkpoint's run folder)")
-    add_set(h, "a value of the checkpoint's config, e.g. data.root=/data")
-    add_quiet(h)
     h.set_defaults(func=run_hierarchy)
 
 

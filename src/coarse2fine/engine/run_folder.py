@@ -62,7 +62,6 @@ class FitState:
         return False
 
 
-@dataclass(frozen=True)
 class RunFolder:
     """The directory ``root`` of one run and how ``fit`` opens it.
 
@@ -71,40 +70,23 @@ class RunFolder:
     ``resume_hint``: the command that resumes this run (in the interrupted record and its error).
     """
 
-    root: Path
-    resume: bool = False
-    overwrite: bool = False
-    resume_hint: str | None = None
+    def __init__(
+        self, root: str | Path, resume: bool = False, overwrite: bool = False, resume_hint: str | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.resume, self.overwrite, self.resume_hint = resume, overwrite, resume_hint
+        self.checkpoints = self.root / "checkpoints"
+        self.last = self.checkpoints / "last.pt"
+        self.best = self.checkpoints / "best.pt"
+        self.interrupted = self.checkpoints / "interrupted.json"
+        self.metrics = self.root / "metrics.csv"
+        self.tb = self.root / "tb"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r}, resume={self.resume}, overwrite={self.overwrite})"
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:03d}.pt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.csv"
-
-    @property
-    def tb(self) -> Path:
-        return self.root / "tb"
-
-    @property
-    def interrupted(self) -> Path:
-        return self.checkpoints / "interrupted.json"
 
     @property
     def started(self) -> bool:
