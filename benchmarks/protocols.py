@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from coarse2fine.config import apply_overrides, config_from_dict, to_dict
+from coarse2fine.config import with_overrides
 from coarse2fine.recipes import build_datasets, evaluate_protocol_on, load_trained
 
 
@@ -41,7 +41,7 @@ def main() -> int:
     overrides = list(args.overrides)
     if args.limit_test:
         overrides.append(f"data.limit_test={args.limit_test}")
-    cfg = config_from_dict(apply_overrides(to_dict(first.cfg), overrides))
+    cfg = with_overrides(first.cfg, overrides)
     bundle = build_datasets(cfg)
     stats, c = first.facts.data_stats, len(first.classes)
     rows = []

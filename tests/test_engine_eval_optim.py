@@ -25,7 +25,6 @@ from coarse2fine.engine import (
     predict_proba,
     save_eval_artifacts,
 )
-from coarse2fine.errors import ConfigError
 from test_engine_helpers import TinyNet
 
 C = 7
@@ -129,8 +128,6 @@ def test_optimizer_has_no_weight_decay_on_bias_and_norm() -> None:
         (0.5, 0.0),
         (0.5, 0.05),
     ]
-    with pytest.raises(ConfigError, match="'lamb'"):
-        build_optimizer(model, OptimConfig(name="lamb"))
 
 
 # ---- schedules -----------------------------------------------------------------------------------
@@ -184,8 +181,6 @@ def test_onecycle_and_constant() -> None:
     assert lrs[-1] < 1e-3
     const = _run_steps(build_scheduler(_opt(0.1), ScheduleConfig(name="constant"), 10, 2), 20)
     assert const == pytest.approx([0.1] * 20)
-    with pytest.raises(ConfigError, match="'step'"):
-        build_scheduler(_opt(), ScheduleConfig(name="step"), 10, 2)
 
 
 @pytest.mark.parametrize("name", ["plateau", "cosine", "onecycle", "constant"])

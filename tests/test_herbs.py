@@ -282,8 +282,7 @@ def test_ablation_switches() -> None:
     assert obj(out, torch.tensor([0, 1]))["loss"] > 0
     model, _ = build_herbs(TinyCNN(), NUM_CLASSES, cfg_(use_combiner=False), input_size=32)
     check_outputs(model(torch.randn(2, 1, 32, 32)), 2, ALL_HEADS - {"combiner"})
-    with pytest.raises(ConfigError, match="use_bottom_up"):
-        build_herbs(TinyCNN(), NUM_CLASSES, cfg_(use_bottom_up=False), input_size=32)
+    # use_refinement without use_bottom_up is refused when the config is loaded (tests/test_config.py)
 
 
 def test_bad_inputs_stages() -> None:
@@ -295,8 +294,6 @@ def test_bad_inputs_stages() -> None:
         build_herbs(TinyCNN(), NUM_CLASSES, cfg_(stages=["stage9"]), input_size=32)
     with pytest.raises(ModelError, match=r"stage4.*4 tokens.*keep 8"):
         build_herbs(TinyCNN(), NUM_CLASSES, cfg_(num_selects=[8, 8, 8, 8]), input_size=32)
-    with pytest.raises(ConfigError):
-        build_herbs(TinyCNN(), NUM_CLASSES, cfg_(basic="both"), input_size=32)
     with pytest.raises(ModelError, match="basic='refine' needs at least 2"):
         build_herbs(TinyCNN(stages=1), NUM_CLASSES, cfg_(basic="refine"), input_size=32)
     with pytest.raises(ConfigError, match="2 entries for 1 stages"):

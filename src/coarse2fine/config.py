@@ -1,17 +1,23 @@
 """Typed run configuration: YAML recipes in ``configs/`` plus ``--set key=value`` overrides.
 
-Every section is a dataclass; unknown keys and wrong value types are errors that name the key,
-the file and the valid keys. ``to_dict`` gives the resolved config saved with every run.
+Every section is a dataclass. Settings are validated once, when a recipe (or a stored config) is
+loaded: unknown keys, wrong value types, values outside a ``Literal[...]``, numbers outside the range
+declared next to the field (``setting(..., ge=1)``) and impossible combinations (``_problems``) are
+errors that name the key as ``--set`` spells it (``optim.lr``) and say what is allowed. Code that
+receives a loaded config does not check it again. ``to_dict`` gives the resolved config saved with
+every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -19,108 +25,205 @@ from coarse2fine.errors import ConfigError
 
 T = TypeVar("T")
 
+# ---- allowed values ------------------------------------------------------------------------------
+# The recipe vocabulary. Lower layers that also take plain arguments from Python (the dataset
+# registry, the HERBS selector, ...) keep their own tuples; tests/test_config.py checks they agree.
+
+Method = Literal["plain", "herbs", "hdcnn"]
+DatasetName = Literal["fashion_mnist", "cifar100", "cifar10", "cub", "nabirds", "folder"]
+LabelLevel = Literal["fine", "coarse"]
+BadImages = Literal["error", "skip"]
+Init = Literal["paper", "kaiming", "glorot"]
+OptimizerName = Literal["sgd", "adamw"]
+ScheduleName = Literal["plateau", "cosine", "onecycle", "constant"]
+Amp = Literal["auto", "bf16", "fp16", "off"]
+NanPolicy = Literal["stop", "skip"]
+TestProtocol = Literal["center", "dense", "multicrop", "multiscale", "dense+multicrop"]
+Clustering = Literal["spectral", "affinity"]
+CoarseTargets = Literal["paper", "aggregation"]
+FineHeadInit = Literal["random", "block"]
+FineExec = Literal["auto", "vmap", "loop"]
+RankBy = Literal["official", "paper"]
+BasicVariant = Literal["bs", "refine"]
+CombinerPool = Literal["linear", "attention"]
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed interval of a numeric setting (of every item of a list setting); ``None`` values pass."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, x: float) -> bool:
+        return (
+            (self.ge is None or x >= self.ge)
+            and (self.gt is None or x > self.gt)
+            and (self.le is None or x <= self.le)
+            and (self.lt is None or x < self.lt)
+        )
+
+    def __str__(self) -> str:
+        ops = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        bounds = [(op, v) for op, v in ops if v is not None]
+        if len(bounds) == 2:  # a lower and an upper bound: an interval such as [0, 1)
+            (op_lo, lo), (op_hi, hi) = bounds
+            return f"in {'[' if op_lo == '>=' else '('}{_num(lo)}, {_num(hi)}{']' if op_hi == '<=' else ')'}"
+        return " and ".join(f"{op} {_num(v)}" for op, v in bounds)
+
+
+def _num(x: Any) -> str:
+    return format(x, "g") if isinstance(x, float) else str(x)
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Callable[[], Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    pattern: tuple[str, str] | None = None,
+) -> Any:
+    """A dataclass field with its allowed range (``ge``/``gt``/``le``/``lt``) or ``pattern`` (regex, hint)."""
+    meta: dict[str, Any] = {}
+    if any(b is not None for b in (ge, gt, le, lt)):
+        meta["range"] = Range(ge=ge, gt=gt, le=le, lt=lt)
+    if pattern is not None:
+        meta["pattern"] = pattern
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
 
 @dataclass
 class DataConfig:
-    """Which data, how it is split, augmented and batched."""
+    """Which data, how it is split, augmented and batched (METHODS.md §1 "Training recipe and scales", §4)."""
 
-    name: str = "fashion_mnist"  # fashion_mnist | cifar100 | cub | nabirds | folder
-    root: str | None = None  # None: the dataset's default location
-    val_fraction: float = 0.1  # stratified held-out part of the training set
-    label: str = "fine"  # cifar100: fine | coarse
-    image_size: int | None = None  # crop fed to the network; None: dataset default (28, 32, 224)
-    train_scale: list[int] | None = None  # [S] fixed or [S_min, S_max] jittered (large images)
-    test_scale: int | None = None  # Q for the centre crop; None: S (or (S_min+S_max)/2)
-    pad: int = 4  # small images: zero padding before the random crop
+    name: DatasetName = "fashion_mnist"
+    root: str | None = None  # None: the dataset's default location (folder: required, --set data.root=...)
+    val_fraction: float = setting(0.1, gt=0, lt=1)  # stratified held-out part of the training set
+    label: LabelLevel = "fine"  # coarse: cifar100 only
+    image_size: int | None = setting(None, ge=1)  # crop fed to the network; None: dataset default (28, 32, 224)
+    train_scale: list[int] | None = setting(None, ge=1)  # [S] fixed or [S_min, S_max] jittered (large images)
+    test_scale: int | None = setting(None, ge=1)  # Q for the centre crop; None: S (or (S_min+S_max)/2)
+    pad: int = setting(4, ge=0)  # small images: zero padding before the random crop
     flip: bool = True  # random horizontal flip
-    color_shift: float = 0.0  # small images: 0; large: PCA RGB colour shift strength (VGG uses 0.1)
-    batch_size: int = 128
-    eval_batch_size: int | None = None  # None: 2 x batch_size
-    workers: int = 2
-    bad_images: str = "error"  # error | skip
-    limit_train: int | None = None  # use only this many training images (quick runs)
-    limit_test: int | None = None
+    color_shift: float = setting(0.0, ge=0)  # small images: 0; large: PCA RGB colour shift strength (VGG 0.1)
+    batch_size: int = setting(128, ge=1)  # the global batch, split across processes
+    eval_batch_size: int | None = setting(None, ge=1)  # None: 2 x batch_size
+    workers: int = setting(2, ge=0)
+    bad_images: BadImages = "error"  # file datasets: an unreadable image stops the run, or is skipped
+    limit_train: int | None = setting(None, ge=1)  # use only this many training images (quick runs)
+    limit_test: int | None = setting(None, ge=1)
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        if self.train_scale is not None:
+            scale = self.train_scale
+            if len(scale) not in (1, 2) or (len(scale) == 2 and scale[0] > scale[1]):
+                yield "train_scale", f"give [S] or [S_min, S_max] with S_min <= S_max, got {scale}"
+            elif self.image_size is not None and min(scale) < self.image_size:
+                yield "train_scale", f"S={min(scale)} is smaller than the crop data.image_size={self.image_size}"
+        if self.test_scale is not None and self.image_size is not None and self.test_scale < self.image_size:
+            yield "test_scale", f"Q={self.test_scale} is smaller than the crop data.image_size={self.image_size}"
+        if self.label == "coarse" and self.name != "cifar100":
+            yield "label", f"'coarse' exists for data.name=cifar100 only, not {self.name!r}; use fine"
 
 
 @dataclass
 class ModelConfig:
     """The building block (or the backbone a method wraps)."""
 
-    name: str = "vgg_small_bn"
+    name: str = "vgg_small_bn"  # a registered model or timm/<name>
     kwargs: dict[str, Any] = field(default_factory=dict)
-    init: str | None = None  # paper | kaiming | glorot ; None: the model's default
+    init: Init | None = None  # METHODS.md §1 "Initialisation"; None: the model's default
     pretrained_file: str | None = None  # local weights (safetensors or torch state dict)
     init_from: str | None = None  # VGG: initialise from a trained shallower VGG checkpoint
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
+    name: OptimizerName = "sgd"
+    lr: float = setting(0.01, ge=0)  # 0 is allowed: the loop runs, weights stay (BN statistics still update)
+    momentum: float = setting(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = False  # sgd with momentum > 0 only
+    weight_decay: float = setting(5e-4, ge=0)  # weights only; norm and bias parameters get none
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # plateau | cosine | onecycle | constant
-    warmup_epochs: float = 0.0  # linear warm-up (cosine); may be fractional
-    warmup_steps: int | None = None  # overrides warmup_epochs when given
-    min_lr: float = 0.0
-    plateau_patience: int = 2  # plateau: epochs without val improvement before lr /= 10
-    plateau_factor: float = 0.1
-    max_reductions: int = 3  # plateau: the paper divided the lr 3 times
+    """Learning-rate schedule; ``plateau`` is the VGG recipe (METHODS.md §1 "Training recipe and scales")."""
+
+    name: ScheduleName = "cosine"
+    warmup_epochs: float = setting(0.0, ge=0)  # linear warm-up (cosine, constant, onecycle); may be fractional
+    warmup_steps: int | None = setting(None, ge=0)  # overrides warmup_epochs when given
+    min_lr: float = setting(0.0, ge=0)
+    plateau_patience: int = setting(2, ge=0)  # plateau: epochs without val improvement before lr x factor
+    plateau_factor: float = setting(0.1, gt=0, lt=1)
+    max_reductions: int = setting(3, ge=0)  # plateau: the paper divided the lr 3 times
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    label_smoothing: float = 0.0
-    accumulate: int = 1  # gradient accumulation steps
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp16 | off
+    epochs: int = setting(10, ge=1)
+    label_smoothing: float = setting(0.0, ge=0, lt=1)
+    accumulate: int = setting(1, ge=1)  # gradient accumulation steps
+    amp: Amp = "auto"  # auto: bf16 on CUDA, off on CPU
     channels_last: bool = True
     deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    grad_clip: float | None = None
-    nan_policy: str = "stop"  # stop | skip
-    log_every: int = 50  # steps between TensorBoard scalars
+    device: str = setting("auto", pattern=(DEVICE_PATTERN, "auto, cpu, cuda or cuda:N"))
+    grad_clip: float | None = setting(None, gt=0)  # max gradient norm; None: no clipping
+    nan_policy: NanPolicy = "stop"  # a non-finite loss stops the run, or its step is skipped
+    log_every: int = setting(50, ge=0)  # steps between TensorBoard scalars; 0: none
     compile: bool = False
-    threads: int | None = None  # torch.set_num_threads; None: leave as is
-    keep_checkpoints: int = 3  # per-epoch checkpoints/epoch_XXX.pt kept besides last.pt and best.pt
+    threads: int | None = setting(None, ge=1)  # torch.set_num_threads; None: leave as is
+    keep_checkpoints: int = setting(3, ge=0)  # per-epoch checkpoints/epoch_XXX.pt kept besides last.pt, best.pt
     find_unused_parameters: bool = False  # DDP: for models whose forward skips some parameters
 
 
 @dataclass
 class EvalConfig:
-    protocol: str = "center"  # center | dense | multicrop | multiscale | dense+multicrop
-    scales: list[int] | None = None
-    flip: bool = True
-    batch_size: int | None = None
+    """``c2f eval`` defaults (METHODS.md §1 "Test protocols")."""
+
+    protocol: TestProtocol = "center"
+    scales: list[int] | None = setting(None, ge=1)  # test scales Q; None: from the training scale
+    flip: bool = True  # average with the horizontally flipped images
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        if self.scales is not None and not self.scales:
+            yield "scales", "give at least one test scale Q, or null for the default"
 
 
 @dataclass
 class HDCNNConfig:
     """HD-CNN (METHODS.md §2). Used by ``c2f hdcnn fit``."""
 
-    branch_stage: str = "stage2"  # shared layers end here
-    num_coarse: int = 4  # K
-    clustering: str = "spectral"  # spectral | affinity (authors' kNN + eigenmap + AP)
-    gamma: float = 5.0  # u_t = 1 / (gamma K)
-    max_partial_size: int | None = None  # cap |S_k| (released code: 80 of 100)
-    consistency_weight: float = 20.0  # lambda (paper 20, released code 5)
-    coarse_targets: str = "paper"  # t_k: paper (METHODS.md §2.3) | aggregation (mean B_ik of an exact coarse component)
-    beta: float | None = None  # conditional execution threshold 1/(beta K); None: run all
+    branch_stage: str = "stage2"  # shared layers end here (a stage of the building block)
+    num_coarse: int = setting(4, ge=1)  # K
+    clustering: Clustering = "spectral"  # METHODS.md §2.1: spectral (paper) | affinity (authors' kNN + AP)
+    gamma: float = setting(5.0, gt=0)  # u_t = 1 / (gamma K) (METHODS.md §2.1 step 4)
+    max_partial_size: int | None = setting(None, ge=1)  # cap |S_k| (released code: 80 of 100)
+    consistency_weight: float = setting(20.0, ge=0)  # lambda (paper 20, released code 5)
+    coarse_targets: CoarseTargets = "paper"  # t_k, METHODS.md §2.3: paper (15) | aggregation (16)
+    beta: float | None = setting(None, gt=0)  # conditional execution 1/(beta K) (METHODS.md §2.4); None: run all
     block_checkpoint: str | None = None  # reuse a trained building block
-    block_epochs: int | None = None  # None: train.epochs
-    fine_epochs: int = 3  # fine-component pre-training
-    finetune_epochs: int = 3  # global fine-tuning
-    finetune_lr: float | None = None  # None: optim.lr / 10
+    block_epochs: int | None = setting(None, ge=1)  # None: train.epochs
+    fine_epochs: int = setting(3, ge=0)  # fine-component pre-training (METHODS.md §2.3)
+    finetune_epochs: int = setting(3, ge=0)  # global fine-tuning
+    finetune_lr: float | None = setting(None, ge=0)  # None: optim.lr / 10
     reference_hierarchy: str | None = None  # JSON {coarse: [fine, ...]} to compare against
-    fine_lr: float | None = None  # fine-component pre-training lr; None: optim.lr
-    fine_head_init: str = "random"  # random (METHODS.md §2.3: all but the last layer copied) | block (its rows)
-    fine_exec: str = "auto"  # auto (vmap on GPU, loop on CPU) | vmap (K components batched) | loop
-    beta_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # evaluation sweep
+    fine_lr: float | None = setting(None, ge=0)  # fine-component pre-training lr; None: optim.lr
+    fine_head_init: FineHeadInit = "random"  # METHODS.md §2.3: random (last layer new) | block (its rows)
+    fine_exec: FineExec = "auto"  # METHODS.md §2.2: auto (vmap on GPU, loop on CPU) | vmap | loop
+    beta_sweep: list[float] = setting(factory=lambda: [1.0, 2.0, 4.0, 8.0], gt=0)  # evaluation sweep
 
 
 @dataclass
@@ -128,23 +231,31 @@ class HERBSConfig:
     """HERBS (METHODS.md §3). Enabled when ``method: herbs``; see ``coarse2fine.herbs``."""
 
     stages: list[str] | None = None  # stages to use; None: the last len(num_selects) (default 4, or all)
-    fpn_size: int = 256  # common width F
-    num_selects: list[float] | None = None  # K_i as counts (>=1) or fractions (<1); None: official fractions
-    rank_by: str = "official"  # official (mean-prediction class) | paper (max softmax per token)
+    fpn_size: int = setting(256, ge=1)  # common width F
+    num_selects: list[float] | None = setting(None, gt=0)  # K_i: counts (integers >= 1) or fractions (< 1)
+    rank_by: RankBy = "official"  # METHODS.md §3: official (mean-prediction class) | paper (max softmax)
     use_fpn: bool = True  # top-down path (off: projections only)
     use_bottom_up: bool = True  # bottom-up path (required by use_refinement)
     use_selection: bool = True  # selector + dropped loss
     use_combiner: bool = True  # graph combiner + merged loss
     use_refinement: bool = True  # top-down classifiers k1 + refinement loss
-    basic: str | None = None  # None | bs | refine : the basic variants on the last block(s); ignore use_*
-    num_graph_nodes: int | None = None  # combiner pooled nodes; None: max(4, kept tokens // 64)
-    combiner_pool: str = "linear"  # linear (official, fixed token count) | attention (any size)
-    lambda_merged: float = 1.0
-    lambda_layer: float = 0.3
-    lambda_dropped: float = 5.0
-    lambda_refine: float = 1.0  # paper 1, official code 1.375
-    temperature: float = 64.0  # T_0
-    temperature_period: int = 10  # T_e = T_0 0.5^floor(e / period)
+    basic: BasicVariant | None = None  # METHODS.md §3 "Basic variants" on the last block(s); ignores use_*
+    num_graph_nodes: int | None = setting(None, ge=1)  # combiner pooled nodes; None: max(4, kept tokens // 64)
+    combiner_pool: CombinerPool = "linear"  # METHODS.md §3: linear (official, fixed size) | attention
+    lambda_merged: float = setting(1.0, ge=0)
+    lambda_layer: float = setting(0.3, ge=0)
+    lambda_dropped: float = setting(5.0, ge=0)
+    lambda_refine: float = setting(1.0, ge=0)  # paper 1, official code 1.375
+    temperature: float = setting(64.0, gt=0)  # T_0
+    temperature_period: int = setting(10, ge=1)  # T_e = T_0 0.5^floor(e / period)
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        for i, v in enumerate(self.num_selects or []):
+            if v >= 1 and not float(v).is_integer():
+                yield f"num_selects[{i}]", f"{_num(v)} is neither a token count (integer >= 1) nor a fraction < 1"
+        if self.basic is None and self.use_refinement and not self.use_bottom_up:
+            why = "the refinement target is the bottom-up classifier"
+            yield "use_refinement", f"needs herbs.use_bottom_up ({why}); set it true, or use_refinement false"
 
 
 @dataclass
@@ -152,9 +263,9 @@ class RunConfig:
     """A whole run: ``c2f train --config configs/<recipe>.yaml``."""
 
     name: str = "run"
-    method: str = "plain"  # plain | herbs | hdcnn
+    method: Method = "plain"  # METHODS.md §1 (plain), §2 (hdcnn), §3 (herbs)
     out_dir: str = "runs"
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -169,11 +280,47 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
 
+# Keys that configs stored in older checkpoints may hold but no code reads any more: ``config_from_dict``
+# drops them; a recipe or ``--set`` that names one is refused like any unknown key.
+_RETIRED: dict[str, tuple[str, ...]] = {"eval": ("batch_size",)}
+
+# YAML 1.1 (PyYAML) reads 1e-3, 1.0e3 and 1E5 as strings (its floats need a dot and a signed exponent).
+_SCIENTIFIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
+
+
 # ---- generic typed loading ----------------------------------------------------------------------
 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _choice(value: Any, choices: tuple[Any, ...], where: str, nullable: bool = False) -> Any:
+    if isinstance(value, bool) and "off" in choices:  # YAML 1.1 reads off/on/no/yes as booleans
+        value = "on" if value else "off"
+    if isinstance(value, str) and value in choices:
+        return value
+    names = ", ".join(map(str, choices)) + (", or null" if nullable else "")
+    raise ConfigError(f"{where}: unknown value {value!r}; choose one of {names}")
+
+
+def _number(value: Any, where: str, what: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    got = repr(value)
+    if isinstance(value, str):
+        got += " (a string; write the number without quotes)" if _is_float(value) else " (a string)"
+    raise ConfigError(f"{where}: expected {what}, got {got}")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -183,14 +330,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: the error of X, which names what is allowed
+            if typing.get_origin(options[0]) is Literal:
+                return _choice(value, typing.get_args(options[0]), where, nullable=True)
+            return _coerce(value, options[0], where)
+        for arg in options:
             try:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        return _choice(value, typing.get_args(tp), where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
@@ -213,19 +365,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(_number(value, where, "a number"))
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = _number(value, where, "an integer")
+        if isinstance(number, int) or float(number).is_integer():
+            return int(number)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -236,15 +380,48 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where != "config" else name
+
+
+def _check_values(obj: Any, where: str) -> None:
+    """The declared ranges and patterns of every field of ``obj``, then its combination rules."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), _key(where, f.name)
+        bounds: Range | None = f.metadata.get("range")
+        if bounds is not None and value is not None:
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, v in items:
+                if v not in bounds:  # nan is outside every range
+                    raise ConfigError(f"{key if i is None else f'{key}[{i}]'}: must be {bounds}, got {_num(v)}")
+        pattern = f.metadata.get("pattern")
+        if pattern is not None and not re.fullmatch(pattern[0], value):
+            raise ConfigError(f"{key}: unknown value {value!r}; use {pattern[1]}")
+    problems = getattr(obj, "_problems", None)
+    for name, message in problems() if problems else ():
+        raise ConfigError(f"{_key(where, name)}: {message}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys are an error listing the valid ones."""
+    """Build dataclass ``cls`` from ``data`` and validate it; unknown keys are an error listing the valid ones."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
-    return cls(**kwargs)
+        retired = [k for k in unknown if k in _RETIRED.get(where, ())]
+        note = f" ({', '.join(retired)}: retired, no longer read; delete it)" if retired else ""
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}{note}; valid keys: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], _key(where, k)) for k, v in data.items()}
+    obj = cls(**kwargs)
+    _check_values(obj, where)
+    return obj
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check a config built in Python (``RunConfig(...)``, ``dataclasses.replace``) as loading would."""
+    return from_dict(RunConfig, to_dict(cfg))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -301,5 +478,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a resolved config (e.g. the one stored in a checkpoint)."""
+    """Rebuild a resolved config stored by an earlier run (e.g. in a checkpoint); retired keys are dropped."""
+    data = dict(data)
+    for section, keys in _RETIRED.items():
+        if isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if k not in keys}
     return from_dict(RunConfig, data)
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``cfg`` (e.g. a checkpoint's) with ``--set`` overrides, validated like a recipe."""
+    return from_dict(RunConfig, apply_overrides(to_dict(cfg), overrides)) if overrides else cfg

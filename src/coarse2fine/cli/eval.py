@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from coarse2fine.cli.common import add_quiet, add_set, pct
-from coarse2fine.config import apply_overrides, config_from_dict, to_dict
+from coarse2fine.config import with_overrides
 from coarse2fine.engine import evaluate, save_eval_artifacts
 from coarse2fine.engine.checkpoint import check_classes
 from coarse2fine.engine.protocols import PROTOCOLS
@@ -21,9 +21,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     first = trained[0]
     for t in trained[1:]:
         check_classes(t.classes, first.classes, f"checkpoint {str(t.path)!r}", other=f"checkpoint {str(first.path)!r}")
-    cfg = first.cfg
-    if args.overrides:
-        cfg = config_from_dict(apply_overrides(to_dict(cfg), args.overrides))
+    cfg = with_overrides(first.cfg, args.overrides)
     bundle = build_datasets(cfg)
     check_classes(first.classes, bundle.classes, f"checkpoint {str(first.path)!r}", other=f"dataset {cfg.data.name!r}")
     dataset = {"test": bundle.test, "val": bundle.val}[args.split]

@@ -21,9 +21,6 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 from coarse2fine.config import OptimConfig, ScheduleConfig
 from coarse2fine.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
-
 
 def _split_decay(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(decay, no_decay): biases and norm weights are the 1-D parameters (timm's convention)."""
@@ -60,14 +57,17 @@ def param_groups(params_or_groups: nn.Module | Iterable[Any], weight_decay: floa
 
 
 def build_optimizer(params_or_groups: nn.Module | Iterable[Any], cfg: OptimConfig) -> Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW; no weight decay on norm/bias parameters."""
+    """SGD (momentum, optional Nesterov) or AdamW; no weight decay on norm/bias parameters.
+
+    ``cfg`` comes from a loaded recipe, whose values are checked there (``config.validate`` checks one built
+    in Python).
+    """
     groups = param_groups(params_or_groups, cfg.weight_decay)
-    name = cfg.name.lower()
-    if name == "sgd":
+    if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if name == "adamw":
+    if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise AssertionError(f"unreachable: optim.name={cfg.name!r} (checked when the config is loaded)")
 
 
 class _WarmupCosine:
@@ -150,7 +150,7 @@ def build_scheduler(optimizer: Optimizer, cfg: ScheduleConfig, steps_per_epoch: 
     """The lr schedule named by ``cfg.name``; ``steps_per_epoch`` counts optimizer steps."""
     total = max(1, steps_per_epoch * epochs)
     warmup = warmup_steps_of(cfg, steps_per_epoch)
-    name = cfg.name.lower()
+    name = cfg.name
     if name == "plateau":
         sched = ReduceLROnPlateau(
             optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
@@ -176,4 +176,4 @@ def build_scheduler(optimizer: Optimizer, cfg: ScheduleConfig, steps_per_epoch: 
             cycle_momentum=cycle_momentum,
         )
         return Scheduler(sched, per_step=True, total_steps=total)
-    raise ConfigError(f"schedule.name: unknown schedule {cfg.name!r}; choose one of {', '.join(SCHEDULES)}")
+    raise AssertionError(f"unreachable: schedule.name={cfg.name!r} (checked when the config is loaded)")

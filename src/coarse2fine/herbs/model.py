@@ -29,15 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from coarse2fine.config import HERBSConfig
-from coarse2fine.errors import ConfigError, ModelError
+from coarse2fine.errors import ModelError
 from coarse2fine.herbs.combiner import GraphCombiner
 from coarse2fine.herbs.fpn import FeatureFusion, Grid, TokenClassifier, resize_tokens, to_tokens
 from coarse2fine.herbs.objective import HERBSObjective
 from coarse2fine.herbs.selector import Selector, default_num_selects
 
 log = logging.getLogger(__name__)
-
-BASIC = (None, "bs", "refine")
 
 
 def _input_hw(backbone: nn.Module, input_size: int | Sequence[int] | None) -> tuple[int, int, int]:
@@ -106,7 +104,11 @@ def _freeze_unused(backbone: nn.Module, outs: Sequence[Tensor]) -> list[str]:
 
 
 class HERBS(nn.Module):
-    """HERBS wrapped around ``backbone`` (see the module docstring; METHODS.md §3)."""
+    """HERBS wrapped around ``backbone`` (see the module docstring; METHODS.md §3).
+
+    ``cfg``'s choices and switch combinations are checked when the config is loaded
+    (``coarse2fine.config``); here only what depends on the backbone is.
+    """
 
     def __init__(
         self,
@@ -116,8 +118,6 @@ class HERBS(nn.Module):
         input_size: int | Sequence[int] | None = None,
     ):
         super().__init__()
-        if cfg.basic not in BASIC:
-            raise ConfigError(f"herbs.basic = {cfg.basic!r}: expected null, bs or refine")
         if not hasattr(backbone, "forward_stages") or not getattr(backbone, "feature_info", None):
             raise ModelError(f"{type(backbone).__name__} is not a Backbone with feature stages (forward_stages)")
         self.backbone = backbone
@@ -154,10 +154,6 @@ class HERBS(nn.Module):
         use_combiner = cfg.use_combiner if full else cfg.basic == "bs"
         use_refinement = cfg.use_refinement if full else cfg.basic == "refine"
         use_bottom_up = cfg.use_bottom_up and full
-        if full and use_refinement and not use_bottom_up:
-            raise ConfigError(
-                "herbs.use_refinement needs herbs.use_bottom_up: the refinement target is the bottom-up classifier"
-            )
         self.fusion = FeatureFusion(channels, cfg.fpn_size, top_down=cfg.use_fpn and full, bottom_up=use_bottom_up)
 
         # Which stages carry a k1 (student, top-down) and a k2 (bottom-up / final) classifier.

@@ -44,7 +44,7 @@ from coarse2fine.engine.trainer import FitSetup, fit
 from coarse2fine.errors import ConfigError, HierarchyError
 from coarse2fine.facts import HDCNNFacts, RunFacts
 from coarse2fine.hdcnn import HDCNN, HDCNNObjective, plot_tradeoff, split_block
-from coarse2fine.hierarchy import COARSE_TARGET_RULES, Hierarchy, coarse_targets
+from coarse2fine.hierarchy import Hierarchy, coarse_targets
 from coarse2fine.recipes.data import DataBundle, Loaders, build_datasets, build_loaders
 from coarse2fine.recipes.hdcnn_report import evaluate_hdcnn, reference_taxonomy
 from coarse2fine.recipes.hierarchy import learn_from_probs, write_hierarchy
@@ -331,21 +331,6 @@ def stage_finetune(
 # ---- the whole pipeline -----------------------------------------------------------------------------
 
 
-def _check_cfg(cfg: RunConfig) -> None:
-    hc = cfg.hdcnn
-    if hc.num_coarse < 1:
-        raise ConfigError(f"hdcnn.num_coarse must be >= 1, got {hc.num_coarse}")
-    for key in ("fine_epochs", "finetune_epochs"):
-        if getattr(hc, key) < 0:
-            raise ConfigError(f"hdcnn.{key} must be >= 0, got {getattr(hc, key)}")
-    if hc.beta is not None and hc.beta <= 0:
-        raise ConfigError(f"hdcnn.beta must be > 0, got {hc.beta}")
-    if hc.coarse_targets not in COARSE_TARGET_RULES:
-        raise ConfigError(f"hdcnn.coarse_targets must be one of {COARSE_TARGET_RULES}, got {hc.coarse_targets!r}")
-    if any(b <= 0 for b in hc.beta_sweep):
-        raise ConfigError(f"hdcnn.beta_sweep values must be > 0, got {hc.beta_sweep}")
-
-
 @dataclasses.dataclass
 class Pretrained:
     """What stages 1-3 (METHODS.md §2.3) produce: the block, the hierarchy and the pretrained HD-CNN."""
@@ -382,7 +367,6 @@ def pretrain_stages(
 
 def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Train (stages 1-4, resumable) and evaluate an HD-CNN; returns (and saves) the report."""
-    _check_cfg(cfg)
     cfg = dataclasses.replace(cfg, method="hdcnn")
     apply_threads(cfg.train.threads)
     start = time.perf_counter()

@@ -17,7 +17,7 @@ from torch import nn
 from coarse2fine.config import RunConfig
 from coarse2fine.engine import CrossEntropyObjective, Objective, load_checkpoint
 from coarse2fine.engine.checkpoint import model_state_of
-from coarse2fine.errors import CheckpointError, ConfigError, HierarchyError
+from coarse2fine.errors import CheckpointError, HierarchyError
 from coarse2fine.facts import RunFacts
 from coarse2fine.hdcnn import HDCNN, HDCNNObjective
 from coarse2fine.herbs import build_herbs
@@ -101,6 +101,4 @@ def build_model_and_objective(
     cfg: RunConfig, facts: RunFacts, *, load_files: bool = True
 ) -> tuple[nn.Module, Objective]:
     """Model and loss of ``cfg.method`` for data described by ``facts`` (classes, channels, size)."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method: unknown value {cfg.method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[cfg.method](cfg, facts, load_files)

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from coarse2fine.compress import apply_compression_structure
-from coarse2fine.config import RunConfig, apply_overrides, config_from_dict, to_dict
+from coarse2fine.config import RunConfig, config_from_dict, with_overrides
 from coarse2fine.engine import check_compatible, load_checkpoint
 from coarse2fine.engine.checkpoint import model_state_of
 from coarse2fine.engine.evaluate import apply_threads
@@ -61,9 +61,10 @@ def load_trained(
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r}: not a coarse2fine training checkpoint")
     try:
-        cfg = config_from_dict(apply_overrides(to_dict(config_from_dict(ckpt["config"])), overrides or []))
+        stored = config_from_dict(ckpt["config"])
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: stored config is invalid: {exc}") from exc
+    cfg = with_overrides(stored, overrides or [])  # a bad override is the caller's ConfigError
     apply_threads(cfg.train.threads)
     facts = read_facts(ckpt, path)
     model, _ = build_model_and_objective(cfg, facts, load_files=False)
