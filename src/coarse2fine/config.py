@@ -419,9 +419,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     return obj
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check a config built in Python (``RunConfig(...)``, ``dataclasses.replace``) as loading would."""
-    return from_dict(RunConfig, to_dict(cfg))
+def validate(cfg: T, where: str = "config") -> T:
+    """Check a config or one section built in Python (``TrainConfig(...)``, ``dataclasses.replace``) as
+    loading would; ``where`` names the section in messages (``train`` for a ``TrainConfig``)."""
+    return from_dict(type(cfg), to_dict(cfg), where)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from coarse2fine.config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, to_dict
+from coarse2fine.config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, to_dict, validate
 from coarse2fine.engine import distributed as du
 from coarse2fine.engine.callbacks import Callback, default_callbacks
 from coarse2fine.engine.checkpoint import plain_data, rng_state, set_rng_state
@@ -56,8 +56,6 @@ from coarse2fine.engine.objective import Objective, logits_of
 from coarse2fine.engine.optim import Scheduler, build_optimizer, build_scheduler
 from coarse2fine.engine.run_folder import FitState, RunFolder
 from coarse2fine.errors import C2FError, ConfigError
-
-NAN_POLICIES = ("stop", "skip")
 
 
 class TrainingInterrupted(C2FError):
@@ -363,7 +361,8 @@ def fit(
     ``callbacks``: the hooks to call (None: ``default_callbacks(run)``, metrics.csv and TensorBoard).
     """
     cfg = setup.train
-    _check_settings(cfg)
+    for section, where in ((setup.train, "train"), (setup.optim, "optim"), (setup.schedule, "schedule")):
+        validate(section, where)  # settings built in Python get the checks a loaded recipe gets
     if len(train_loader) == 0:
         raise ConfigError("the training loader yields no batch: data.batch_size is larger than the training split")
     device = resolve_device(cfg.device)
@@ -411,16 +410,6 @@ def fit(
                 if asked and epoch + 1 < cfg.epochs:  # a signal during validation or saving
                     raise _interrupted(t, epoch + 2)
     return FitResult(t.state.best_epoch, t.state.best_metric, t.state.history, run)
-
-
-def _check_settings(cfg: TrainConfig) -> None:
-    """Range and choice checks of the settings (to move to ``config.py``'s load-time checks)."""
-    if cfg.nan_policy not in NAN_POLICIES:
-        raise ConfigError(f"train.nan_policy: unknown value {cfg.nan_policy!r}; choose stop or skip")
-    if cfg.accumulate < 1:
-        raise ConfigError(f"train.accumulate: must be >= 1, got {cfg.accumulate}")
-    if cfg.epochs < 1:
-        raise ConfigError(f"train.epochs: must be >= 1, got {cfg.epochs}")
 
 
 @contextlib.contextmanager
