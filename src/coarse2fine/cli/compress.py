@@ -1,4 +1,10 @@
-"""``c2f compress``: product-quantise a trained model's layers (METHODS.md §2.4)."""
+"""``c2f compress``: product-quantise a trained model's layers (METHODS.md §2.4).
+
+Each chosen layer's weight (conv flattened to out x in*kh*kw) is split into column segments of width s,
+k-means with k centres per segment, uint8 codes + fp32 centres (METHODS.md §2.4); axis 'columns' quantises the
+transposed weight instead (better for layers with few rows). Saves a checkpoint whose metadata names the
+compressed layers.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,11 @@ from typing import Any
 from coarse2fine.cli.common import checkpoint_verb
 from coarse2fine.recipes.compress import CompressRequest, compress_checkpoint
 
+HELP = "product-quantise a trained model's layers (HD-CNN compression)"
+
 
 def register(subparsers: Any) -> None:
-    c = checkpoint_verb(
-        subparsers,
-        "compress",
-        help="product-quantise a trained model's layers (HD-CNN compression)",
-        description="Each chosen layer's weight (conv flattened to out x in*kh*kw) is split into column "
-        "segments of width s, k-means with k centres per segment, uint8 codes + fp32 centres (METHODS.md §2.4); "
-        "axis 'columns' quantises the transposed weight instead (better for layers with few rows). "
-        "Saves a checkpoint whose metadata names the compressed layers.",
-        checkpoint_help="a training checkpoint",
-    )
+    c = checkpoint_verb(subparsers, "compress", HELP, __doc__, "a training checkpoint")
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--layers",

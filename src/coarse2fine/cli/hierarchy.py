@@ -1,4 +1,9 @@
-"""``c2f hierarchy``: learn HD-CNN's category hierarchy from a trained block (METHODS.md §2.1)."""
+"""``c2f hierarchy``: learn HD-CNN's category hierarchy from a trained block (METHODS.md §2.1).
+
+Softmax of the checkpoint's model on the held-out (validation) split -> confusion matrix -> clustering into
+coarse categories -> overlapping partial sets (METHODS.md §2.1). Writes hierarchy.json, hierarchy.png and
+hierarchy_report.json, prints the groups and their agreement (ARI / NMI) with the reference taxonomy.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,11 @@ from typing import Any
 from coarse2fine.cli.common import checkpoint_verb
 from coarse2fine.recipes.hierarchy import HierarchyRequest, hierarchy_from_checkpoint
 
+HELP = "learn HD-CNN's category hierarchy from a trained building block"
+
 
 def register(subparsers: Any) -> None:
-    h = checkpoint_verb(
-        subparsers,
-        "hierarchy",
-        help="learn HD-CNN's category hierarchy from a trained building block",
-        description="Softmax of the checkpoint's model on the held-out (validation) split -> confusion "
-        "matrix -> clustering into coarse categories -> overlapping partial sets (METHODS.md §2.1). Writes "
-        "hierarchy.json, hierarchy.png and hierarchy_report.json, prints the groups and their agreement "
-        "(ARI / NMI) with the reference taxonomy.",
-        checkpoint_help="a training checkpoint, e.g. RUN/checkpoints/best.pt",
-    )
+    h = checkpoint_verb(subparsers, "hierarchy", HELP, __doc__, "a training checkpoint (RUN/checkpoints/best.pt)")
     h.add_argument("--num-coarse", type=int, default=None, help="K (default: the config's hdcnn.num_coarse)")
     h.add_argument(
         "--method",
