@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -127,8 +127,3 @@ def quality_warnings(
         log.warning("hierarchy: %s", msg)
     return out
 
-
-def names_of_groups(labels: Sequence[int], class_names: Sequence[str]) -> list[list[str]]:
-    """The groups of ``labels`` by class name, in order of group index."""
-    lab = np.asarray(labels).reshape(-1)
-    return [[str(class_names[j]) for j in np.flatnonzero(lab == k)] for k in np.unique(lab)]
