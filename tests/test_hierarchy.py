@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
+from sklearn.metrics import adjusted_rand_score
 
 from coarse2fine.errors import C2FError, HierarchyError
 from coarse2fine.hierarchy import (
+    CLUSTERING_METHODS,
     Hierarchy,
     cluster_classes,
+    cluster_partition,
     coarse_targets,
     compare_to_reference,
+    confusion_kept,
     confusion_matrix,
     distance_matrix,
     learn_hierarchy,
     load_reference,
     memberships,
     mistake_severity,
+    near_isolated,
+    normalised_cut,
     partial_sets,
+    partition_quality,
+    partition_scores,
     plot_hierarchy,
+    quality_warnings,
 )
+from coarse2fine.hierarchy.plot import quality_line
 
 
 def planted(num_classes: int, num_coarse: int, seed: int, n_per: int = 40):
@@ -105,8 +116,6 @@ def test_gaussian_affinity_also_recovers_blocks() -> None:
     probs, targets, groups = planted(12, 3, 0)
     D = distance_matrix(confusion_matrix(probs, targets, 12))
     labels = cluster_classes(D, 3, affinity="gaussian")
-    from sklearn.metrics import adjusted_rand_score
-
     assert adjusted_rand_score(groups, labels) == 1.0
 
 
@@ -143,6 +152,174 @@ def test_cluster_classes_bad_k_and_method() -> None:
     np.testing.assert_array_equal(cluster_classes(D, 1), np.zeros(5))
     with pytest.raises(HierarchyError):  # too many coarse categories for learn_hierarchy too
         learn_hierarchy(np.full((5, 5), 0.2), np.arange(5), names_of(5), 9)
+
+
+# ---- hierarchy quality (METHODS.md eqs. (11a), (11b)) and the default method "auto" ----------------
+
+FMNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FMNIST_PAIRS = {  # symmetrised confusion of a Fashion-MNIST-like block (benchmarks/hierarchy_quality.py)
+    ("T-shirt/top", "Shirt"): 0.10,
+    ("Pullover", "Coat"): 0.08,
+    ("Pullover", "Shirt"): 0.07,
+    ("Coat", "Shirt"): 0.06,
+    ("T-shirt/top", "Pullover"): 0.02,
+    ("Dress", "Coat"): 0.03,
+    ("T-shirt/top", "Dress"): 0.03,
+    ("Sandal", "Sneaker"): 0.03,
+    ("Sneaker", "Ankle boot"): 0.03,
+    ("Sandal", "Ankle boot"): 0.01,
+    ("Trouser", "Dress"): 0.005,
+    ("Bag", "T-shirt/top"): 0.005,
+    ("Bag", "Shirt"): 0.0025,
+}
+
+
+def confusion_of_pairs(num_classes: int, pairs: dict[tuple[int, int], float], background: float) -> np.ndarray:
+    """A row-normalised confusion matrix with F_ij = F_ji = the pair's value (``background`` elsewhere)."""
+    F = np.full((num_classes, num_classes), background)
+    for (i, j), v in pairs.items():
+        F[i, j] = F[j, i] = v
+    np.fill_diagonal(F, 0.0)
+    np.fill_diagonal(F, 1.0 - F.sum(axis=1))
+    return F
+
+
+def fmnist_like() -> np.ndarray:
+    ix = {n: i for i, n in enumerate(FMNIST)}
+    return confusion_of_pairs(10, {(ix[a], ix[b]): v for (a, b), v in FMNIST_PAIRS.items()}, 0.001)
+
+
+def isolated_planted(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """11 classes in shuffled order: a confusable block of 5, two pairs and two near-isolated classes
+    (only the 0.001 background confusion); the planted 5 groups."""
+    rng = np.random.default_rng(seed)
+    pairs = {(i, j): float(rng.uniform(0.02, 0.08)) for i in range(5) for j in range(i + 1, 5)}
+    pairs.update({(5, 6): 0.10, (7, 8): 0.08})
+    F = confusion_of_pairs(11, pairs, 0.001)
+    truth = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 4])
+    perm = rng.permutation(11)
+    return F[np.ix_(perm, perm)], truth[perm]
+
+
+def probs_of_confusion(F: np.ndarray, n_per: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out softmax whose arg-max confusion matrix is ``F`` (rounded to 1/n_per)."""
+    c = F.shape[0]
+    targets, preds = [], []
+    for i in range(c):
+        counts = np.round(F[i] * n_per).astype(int)
+        counts[i] += n_per - counts.sum()
+        targets += [i] * n_per
+        preds += np.repeat(np.arange(c), counts).tolist()
+    probs = np.full((len(preds), c), 0.5 / c) + 0.5 * np.eye(c)[preds]
+    return probs, np.asarray(targets)
+
+
+def test_quality_by_hand() -> None:
+    F = np.array([[0.8, 0.1, 0.1, 0.0], [0.2, 0.7, 0.0, 0.1], [0.0, 0.0, 1.0, 0.0], [0.0, 0.3, 0.0, 0.7]])
+    # symmetrised: S01 = 0.15, S02 = 0.05, S13 = 0.2, others 0; sum over i != j = 2 * 0.4 = 0.8
+    assert confusion_kept(F, [0, 0, 1, 1]) == pytest.approx(2 * 0.15 / 0.8)  # pairs 01 and 23 kept
+    assert confusion_kept(F, [0, 0, 1, 0]) == pytest.approx(2 * 0.35 / 0.8)  # 01, 03, 13 kept
+    assert confusion_kept(F, [0, 1, 2, 3]) == 0.0 and confusion_kept(F, [0, 0, 0, 0]) == 1.0
+    assert np.isnan(confusion_kept(np.eye(3), [0, 1, 2]))
+    S = 0.5 * (F + F.T)  # the affinity's diagonal is ignored; degrees 0.2, 0.35, 0.05, 0.2
+    # {0,1,3}: cut 0.05 / vol 0.75; {2}: cut 0.05 / vol 0.05
+    assert normalised_cut(S, [0, 0, 1, 0]) == pytest.approx(0.05 / 0.75 + 1.0)
+    # {0,1}: cut 0.25 / vol 0.55; {2,3}: cut 0.25 / vol 0.25
+    assert normalised_cut(S, [0, 0, 1, 1]) == pytest.approx(0.25 / 0.55 + 1.0)
+    assert normalised_cut(S, [0, 0, 0, 0]) == 0.0
+    q = partition_quality(F, S, [0, 0, 1, 0])
+    assert q["num_groups"] == 2 and q["group_sizes"] == [3, 1]
+    # on the clustering affinity (7), whose 1e-6 floor barely moves the cut
+    scores = partition_scores(F, [0, 0, 1, 0])
+    assert scores["ncut"] == pytest.approx(0.05 / 0.75 + 1.0, rel=1e-3) and scores["ncut_affinity"] == "confusion"
+    with pytest.raises(HierarchyError, match="labels"):
+        confusion_kept(F, [0, 1])
+
+
+def test_near_isolated_classes() -> None:
+    iso = near_isolated(fmnist_like())
+    assert [FMNIST[j] for j in iso] == ["Trouser", "Bag"]  # least confused first
+    assert near_isolated(np.full((4, 4), 0.25)).size == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_auto_recovers_planted_groups_with_near_isolated_classes(seed: int) -> None:
+    F, truth = isolated_planted(seed)
+    D = distance_matrix(F)
+    labels, info = cluster_partition(D, 5, seed=seed)
+    assert adjusted_rand_score(truth, labels) == 1.0
+    kept = info["quality"]["confusion_kept"]
+    assert kept == pytest.approx(confusion_kept(F, labels))
+    for baseline in ("spectral", "agglomerative", "affinity"):
+        other = cluster_classes(D, 5, method=baseline, seed=seed)
+        assert kept >= confusion_kept(F, other) - 1e-12, baseline
+    sel = info["selection"]
+    assert sorted(sel["near_isolated"]) == sorted(np.flatnonzero(truth >= 3).tolist())
+    names = [row["name"] for row in sel["candidates"]]
+    assert sel["chosen"] in names and names[0] == "spectral" and "agglomerative" in names
+    assert {"spectral-aside-0", "spectral-aside-2", "spectral-pooled"} <= set(names)
+
+
+def test_auto_on_a_fashion_mnist_like_matrix() -> None:
+    F = fmnist_like()
+    D = distance_matrix(F)
+    tops = frozenset({"T-shirt/top", "Pullover", "Dress", "Coat", "Shirt"})
+    obvious = {tops, frozenset({"Trouser"}), frozenset({"Sandal", "Sneaker", "Ankle boot"}), frozenset({"Bag"})}
+    for k in (3, 4, 5):
+        labels, info = cluster_partition(D, k)
+        if k == 4:
+            assert {frozenset(FMNIST[j] for j in np.flatnonzero(labels == g)) for g in range(4)} == obvious
+        rows = {row["name"]: row for row in info["selection"]["candidates"]}
+        for baseline in ("spectral", "agglomerative", "affinity"):  # the same runs as method=baseline
+            assert info["quality"]["confusion_kept"] >= rows[baseline]["confusion_kept"] - 1e-12
+
+
+def test_explicit_methods_and_their_names() -> None:
+    assert CLUSTERING_METHODS[0] == "auto" and {"spectral", "affinity", "agglomerative"} <= set(CLUSTERING_METHODS)
+    F, _ = isolated_planted(0)
+    labels, info = cluster_partition(distance_matrix(F), 5, method="agglomerative")
+    assert "selection" not in info and info["quality"]["num_groups"] == 5
+    assert info["quality"]["confusion_kept"] == pytest.approx(confusion_kept(F, labels))
+
+
+def test_quality_warnings(caplog) -> None:
+    uniform = np.full((8, 8), 1 / 8)
+    with caplog.at_level(logging.WARNING, logger="coarse2fine.hierarchy"):
+        labels, info = cluster_partition(distance_matrix(uniform), 2, method="spectral")
+    assert confusion_kept(uniform, labels) < 0.5
+    assert any("keeps only" in r.getMessage() for r in caplog.records)
+    assert not any("at least half" in r.getMessage() for r in caplog.records)
+    assert info["warnings"] and "keeps only" in info["warnings"][0]
+    caplog.clear()
+    F, _ = isolated_planted(0)
+    with caplog.at_level(logging.WARNING, logger="coarse2fine.hierarchy"):
+        cluster_partition(distance_matrix(F), 6)  # 6 of 11 classes
+    assert [r.getMessage() for r in caplog.records if "at least half" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coarse2fine.hierarchy"):
+        _, info = cluster_partition(distance_matrix(F), 5)  # 5 of 11, most confusion kept: quiet
+    assert not caplog.records and info["warnings"] == []
+    no_confusion = quality_warnings({"confusion_kept": float("nan")}, 5, 2)
+    assert no_confusion == ["no off-diagonal confusion: the grouping is arbitrary"]
+
+
+def test_auto_meta_json_round_trip(tmp_path) -> None:
+    F, truth = isolated_planted(1)
+    probs, targets = probs_of_confusion(F)
+    names = names_of(11)
+    h = learn_hierarchy(probs, targets, names, 5, seed=1)
+    assert h.meta["method"] == "auto" and h.meta["affinity"] == "confusion"
+    assert adjusted_rand_score(truth, h.coarse_of) == 1.0
+    q, sel = h.meta["quality"], h.meta["selection"]
+    assert q["confusion_kept"] == pytest.approx(confusion_kept(confusion_matrix(probs, targets, 11), h.coarse_of))
+    assert sorted(sel["near_isolated"]) == sorted(names[j] for j in np.flatnonzero(truth >= 3))
+    chosen = next(row for row in sel["candidates"] if row["name"] == sel["chosen"])
+    assert sorted(map(sorted, chosen["groups"])) == sorted(map(sorted, h.groups()))
+    assert chosen["confusion_kept"] == q["confusion_kept"] and sel["tolerance"] == 0.01
+    back = Hierarchy.load(h.save(tmp_path / "h.json"), class_names=names)
+    assert back.meta["quality"] == q and back.meta["selection"] == sel and back == h
+    assert Hierarchy.load(tmp_path / "h.json", class_names=names[::-1]).meta["selection"] == sel
+    assert "confusion kept inside groups" in quality_line(back) and sel["chosen"] in quality_line(back)
 
 
 # ---- memberships and partial sets ------------------------------------------------------------
@@ -251,7 +428,8 @@ def _learnt() -> Hierarchy:
 
 def test_learn_hierarchy_records_how() -> None:
     h = _learnt()
-    assert h.meta["method"] == "spectral" and h.meta["gamma"] == 5.0
+    assert h.meta["method"] == "auto" and h.meta["gamma"] == 5.0
+    assert h.meta["quality"]["confusion_kept"] > 0.9 and h.meta["quality"]["ncut_affinity"] == "confusion"
     assert h.meta["u_t"] == pytest.approx(1 / 15)
     assert np.asarray(h.meta["u"]).shape == (3, 12)
     assert all(len(s) <= 8 for s in h.partial_sets)

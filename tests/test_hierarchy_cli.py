@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_learn_and_save_writes_everything(tmp_path, capsys) -> None:
     probs *= rng.uniform(0.3, 1.7, probs.shape)
     probs /= probs.sum(1, keepdims=True)
     reference = {c: FINE[2 * i : 2 * i + 2] for i, c in enumerate(COARSE)}
-    h = learn_from_probs(probs, targets, FINE, HDCNNConfig(num_coarse=3), seed=0)
+    h = learn_from_probs(probs, targets, FINE, HDCNNConfig(num_coarse=3, clustering="spectral"), seed=0)
     report = write_hierarchy(h, probs, targets, tmp_path / "out", reference=reference)
     assert report["reference"]["scores"]["ari"] == 1.0
     assert sorted(map(sorted, report["groups"])) == sorted(map(sorted, reference.values()))
@@ -46,9 +47,25 @@ def test_learn_and_save_writes_everything(tmp_path, capsys) -> None:
     assert (tmp_path / "out" / "hierarchy.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "out" / "hierarchy_report.json").read_text())
     assert saved["groups"] == report["groups"]
+    assert report["quality"]["confusion_kept"] == pytest.approx(1.0) and report["selection"] is None
+    assert saved["quality"] == report["quality"] and h.meta["quality"] == report["quality"]
     print_hierarchy_report(report)
     text = capsys.readouterr().out
     assert "ARI 1.000" in text and "apple" in text
+    assert "confusion kept inside the groups: 100.0 % of the off-diagonal (normalised cut" in text
+    # the default method records its candidates; the report and the printout carry them
+    h = learn_from_probs(probs, targets, FINE, HDCNNConfig(num_coarse=3, clustering="auto"), seed=0)
+    report = write_hierarchy(h, probs, targets, tmp_path / "auto")
+    assert report["method"] == "auto" and report["selection"]["chosen"] == h.meta["selection"]["chosen"]
+    print_hierarchy_report(report)
+    text = capsys.readouterr().out
+    assert f"method auto: chose {report['selection']['chosen']} among" in text
+    assert "  agglomerative: kept 100.0 %, normalised cut" in text
+    # a hierarchy saved before its meta had the quality gets it computed for the report and the picture
+    old = replace(h, meta={k: v for k, v in h.meta.items() if k not in ("quality", "selection")})
+    quality = write_hierarchy(old, probs, targets, tmp_path / "old")["quality"]
+    assert quality["confusion_kept"] == pytest.approx(report["quality"]["confusion_kept"])
+    assert quality["ncut"] == pytest.approx(report["quality"]["ncut"])
 
 
 def test_compressed_checkpoint_round_trip(tmp_path) -> None:
@@ -182,10 +199,15 @@ def test_c2f_hierarchy_end_to_end(trained_checkpoint, tmp_path, capsys) -> None:
             str(ref),
             "--out",
             str(tmp_path / "h2"),
+            "--method",
+            "auto",
             "--quiet",
         ]
     )
     assert rc == 0
+    out = capsys.readouterr().out
+    assert "confusion kept inside the groups" in out and "method auto: chose" in out
+    assert Hierarchy.load(tmp_path / "h2" / "hierarchy.json").meta["selection"]["candidates"]
     assert (
         json.loads((tmp_path / "h2" / "hierarchy_report.json").read_text())["reference"]["scores"][
             "reference_num_coarse"

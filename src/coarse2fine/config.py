@@ -39,7 +39,7 @@ ScheduleName = Literal["plateau", "cosine", "onecycle", "constant"]
 Amp = Literal["auto", "bf16", "fp16", "off"]
 NanPolicy = Literal["stop", "skip"]
 TestProtocol = Literal["center", "dense", "multicrop", "multiscale", "dense+multicrop"]
-Clustering = Literal["spectral", "affinity"]
+Clustering = Literal["auto", "spectral", "affinity", "agglomerative"]
 CoarseTargets = Literal["paper", "aggregation"]
 FineHeadInit = Literal["random", "block"]
 FineExec = Literal["auto", "vmap", "loop"]
@@ -208,7 +208,9 @@ class HDCNNConfig:
 
     branch_stage: str = "stage2"  # shared layers end here (a stage of the building block)
     num_coarse: int = setting(4, ge=1)  # K
-    clustering: Clustering = "spectral"  # METHODS.md §2.1: spectral (paper) | affinity (authors' kNN + AP)
+    # METHODS.md §2.1: auto (the best of the candidates on eqs. (11a)-(11b)) | spectral (paper) |
+    # affinity (authors' kNN + eigenmap + AP) | agglomerative (average linkage on D)
+    clustering: Clustering = "auto"
     gamma: float = setting(5.0, gt=0)  # u_t = 1 / (gamma K) (METHODS.md §2.1 step 4)
     max_partial_size: int | None = setting(None, ge=1)  # cap |S_k| (released code: 80 of 100)
     consistency_weight: float = setting(20.0, ge=0)  # lambda (paper 20, released code 5)

@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from coarse2fine.cli.common import checkpoint_verb
+from coarse2fine.hierarchy import CLUSTERING_METHODS
 from coarse2fine.recipes.hierarchy import HierarchyRequest, hierarchy_from_checkpoint
 
 HELP = "learn HD-CNN's category hierarchy from a trained building block"
@@ -21,10 +22,11 @@ def register(subparsers: Any) -> None:
     h.add_argument("--num-coarse", type=int, default=None, help="K (default: the config's hdcnn.num_coarse)")
     h.add_argument(
         "--method",
-        choices=("spectral", "affinity"),
+        choices=CLUSTERING_METHODS,
         default=None,
-        help="spectral clustering (paper) or kNN + Laplacian eigenmap + affinity propagation (authors' "
-        "code; K is then an outcome). Default: the config's hdcnn.clustering",
+        help="auto (the candidate below that keeps the most confusion inside its groups, METHODS.md §2.1), "
+        "spectral clustering (paper), kNN + Laplacian eigenmap + affinity propagation (authors' code; K is "
+        "then an outcome) or average-linkage agglomerative clustering. Default: the config's hdcnn.clustering",
     )
     h.add_argument("--gamma", type=float, default=None, help="u_t = 1/(gamma K) (default: hdcnn.gamma)")
     h.add_argument("--max-partial-size", type=int, default=None, help="cap |S_k| (default: hdcnn.max_partial_size)")
@@ -59,6 +61,7 @@ def print_hierarchy_report(report: dict[str, Any]) -> None:
         print(f"  {k}: {', '.join(group)}" + (f"  (+ {', '.join(extra)})" if extra else ""))
     sev = report["severity_learnt"]
     print(f"block errors inside a learnt group: {100 * sev['within_fraction']:.1f} %")
+    print_quality(report)
     ref = report.get("reference")
     if ref:
         s = ref["scores"]
@@ -71,3 +74,26 @@ def print_hierarchy_report(report: dict[str, Any]) -> None:
         print("no reference taxonomy (give --reference FILE.json to compare)")
     for name, path in report.get("paths", {}).items():
         print(f"{name}: {path}")
+
+
+def _share(kept: float | None) -> str:
+    return "n/a" if kept is None else f"{100 * kept:.1f} %"
+
+
+def print_quality(report: dict[str, Any]) -> None:
+    """The partition's quality (METHODS.md eqs. (11a), (11b)) and, for ``auto``, the candidates' scores."""
+    q = report.get("quality")
+    if q:
+        print(
+            f"confusion kept inside the groups: {_share(q['confusion_kept'])} of the off-diagonal "
+            f"(normalised cut {q['ncut']:.3f})"
+        )
+    sel = report.get("selection")
+    if sel:
+        print(f"method {report['method']}: chose {sel['chosen']} among")
+        for row in sel["candidates"]:
+            if "error" in row:
+                print(f"  {row['name']}: failed ({row['error']})")
+                continue
+            note = "" if row["eligible"] else f" ({row['num_groups']} groups, not eligible)"
+            print(f"  {row['name']}: kept {_share(row['confusion_kept'])}, normalised cut {row['ncut']:.3f}{note}")

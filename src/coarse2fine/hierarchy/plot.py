@@ -23,10 +23,21 @@ def class_order(h: Hierarchy) -> np.ndarray:
     return np.argsort(np.asarray(h.coarse_of), kind="stable")
 
 
+def quality_line(h: Hierarchy) -> str:
+    """``meta["quality"]`` (METHODS.md eqs. (11a), (11b)) in words, e.g. for a picture's subtitle; '' if absent."""
+    q = h.meta.get("quality")
+    if not isinstance(q, dict) or q.get("confusion_kept") is None:
+        return ""
+    line = f"confusion kept inside groups {100 * q['confusion_kept']:.1f} %, normalised cut {q['ncut']:.3f}"
+    chosen = (h.meta.get("selection") or {}).get("chosen")
+    return line + (f"\n{h.meta.get('method', 'auto')}: {chosen}" if chosen else "")
+
+
 def plot_hierarchy(h: Hierarchy, F_or_D: ArrayLike, path: str | Path, *, title: str | None = None) -> Path:
     """Save a PNG: left, the (C, C) confusion or distance matrix with rows and columns ordered by coarse
     category and each disjoint group outlined; right, the partial sets ``S_k`` (own classes dark,
-    overlapping ones light). Class names label the axes when there are at most 120 classes.
+    overlapping ones light). Class names label the axes when there are at most 120 classes. The title's
+    second line gives the partition's quality (:func:`quality_line`) when ``h.meta`` has it.
     """
     m = np.asarray(F_or_D, dtype=np.float64)
     c = h.num_classes
@@ -65,14 +76,16 @@ def plot_hierarchy(h: Hierarchy, F_or_D: ArrayLike, path: str | Path, *, title: 
             a.set_yticklabels(names, fontsize=fs)
         ax.set_xticks(range(c))
         ax.set_xticklabels(names, rotation=90, fontsize=fs)
-    ax.set_title(title or f"{c} classes in {k} coarse categories ({h.meta.get('method', 'given')})")
+    head = title or f"{c} classes in {k} coarse categories ({h.meta.get('method', 'given')})"
+    sub = quality_line(h)
+    ax.set_title(f"{head}\n{sub}" if sub else head, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -3,7 +3,7 @@ by ``c2f hierarchy`` and by the hierarchy stage of ``c2f hdcnn fit``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from coarse2fine.hierarchy import (
     learn_hierarchy,
     load_reference,
     mistake_severity,
+    partition_scores,
     plot_hierarchy,
 )
 from coarse2fine.recipes.data import build_datasets, build_loaders
@@ -51,10 +52,16 @@ def write_hierarchy(
     reference: dict[str, list[str]] | None = None,
     title: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``hierarchy.json`` / ``.png`` / ``hierarchy_report.json`` under ``out_dir``; return the report."""
+    """Write ``hierarchy.json`` / ``.png`` / ``hierarchy_report.json`` under ``out_dir``; return the report.
+
+    The report carries the partition's quality (METHODS.md eqs. (11a), (11b); computed here when ``h.meta``
+    lacks it) and, for ``auto``, which candidate won and every candidate's scores.
+    """
     classes = h.class_names
     out = Path(out_dir)
     F = confusion_matrix(probs, targets, len(classes))
+    if "quality" not in h.meta:
+        h = replace(h, meta={**h.meta, "quality": partition_scores(F, h.coarse_of)})
     paths = {
         "hierarchy": h.save(out / "hierarchy.json"),
         "picture": plot_hierarchy(h, F, out / "hierarchy.png", title=title),
@@ -71,6 +78,8 @@ def write_hierarchy(
         "partial_sets": h.partial_groups(),
         "coarse_names": h.coarse_names,
         "severity_learnt": mistake_severity(pred, targets, h),
+        "quality": h.meta["quality"],
+        "selection": h.meta.get("selection"),
         "reference": None,
     }
     if reference:
