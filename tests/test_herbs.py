@@ -243,6 +243,37 @@ def test_losses_on_hand_made_inputs() -> None:
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+def test_refine_reduction_mean_is_official_kldivloss() -> None:
+    """``mean`` equals the official nn.KLDivLoss() (default reduction: the mean over all B x N_i x C
+    elements of a stage, as in torch 1.x where the official code ran) summed over stages; ``sum``
+    (the paper's formula) is C times it."""
+    torch.manual_seed(3)
+    c, temp = 7, 4.0
+    students = [torch.randn(3, n, c) * 5 for n in (16, 4)]
+    targets = [torch.randn(3, n, c) * 5 for n in (16, 4)]
+    outs = {"refine_student": students, "refine_target": targets}
+    y = torch.zeros(3, dtype=torch.long)
+    official = sum(
+        nn.KLDivLoss()(F.log_softmax(s / temp, dim=-1), F.softmax(t / temp, dim=-1))
+        for s, t in zip(students, targets)
+    )
+    terms = {}
+    for red in ("mean", "sum"):
+        obj = HERBSObjective(HERBSConfig(temperature=temp, refine_reduction=red))
+        terms[red] = obj(outs, y)["refine"]
+    elementwise = sum(  # p (log p - log q), averaged over every element of the stage
+        (F.softmax(t / temp, -1) * (F.log_softmax(t / temp, -1) - F.log_softmax(s / temp, -1))).mean()
+        for s, t in zip(students, targets)
+    )
+    assert torch.allclose(official, elementwise, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(terms["mean"], official, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(terms["sum"], c * official, rtol=1e-5, atol=1e-7)
+    assert HERBSConfig().refine_reduction == "sum"
+    with pytest.raises(ConfigError, match="refine_reduction"):
+        HERBSObjective(HERBSConfig(refine_reduction="batchmean"))  # type: ignore[arg-type]
+
+
 def test_temperature_schedule() -> None:
     obj = HERBSObjective(HERBSConfig(temperature=64, temperature_period=10))
     values = []

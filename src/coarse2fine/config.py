@@ -145,6 +145,8 @@ class HERBSConfig:
     lambda_refine: float = 1.0  # paper 1, official code 1.375
     temperature: float = 64.0  # T_0
     temperature_period: int = 10  # T_e = T_0 0.5^floor(e / period)
+    # refinement KL per token over classes: sum (paper's formula) | mean (official nn.KLDivLoss(): also / C_gt)
+    refine_reduction: typing.Literal["mean", "sum"] = "sum"
 
 
 @dataclass
