@@ -147,6 +147,8 @@ class HERBSConfig:
     temperature_period: int = 10  # T_e = T_0 0.5^floor(e / period)
     # refinement KL per token over classes: sum (paper's formula) | mean (official nn.KLDivLoss(): also / C_gt)
     refine_reduction: typing.Literal["mean", "sum"] = "sum"
+    # official per-stage Linear-ReLU-Linear (F -> F) on each top-down output before the bottom-up addition
+    bottom_up_proj: bool = True
 
 
 @dataclass

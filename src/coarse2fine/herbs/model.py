@@ -158,7 +158,13 @@ class HERBS(nn.Module):
             raise ConfigError(
                 "herbs.use_refinement needs herbs.use_bottom_up: the refinement target is the bottom-up classifier"
             )
-        self.fusion = FeatureFusion(channels, cfg.fpn_size, top_down=cfg.use_fpn and full, bottom_up=use_bottom_up)
+        self.fusion = FeatureFusion(
+            channels,
+            cfg.fpn_size,
+            top_down=cfg.use_fpn and full,
+            bottom_up=use_bottom_up,
+            bottom_up_proj=cfg.bottom_up_proj,
+        )
 
         # Which stages carry a k1 (student, top-down) and a k2 (bottom-up / final) classifier.
         if cfg.basic == "refine":
