@@ -149,6 +149,8 @@ class HERBSConfig:
     refine_reduction: typing.Literal["mean", "sum"] = "sum"
     # official per-stage Linear-ReLU-Linear (F -> F) on each top-down output before the bottom-up addition
     bottom_up_proj: bool = True
+    # Swin stage outputs: timm (as timm gives them) | merged (official: stages 1..L-1 after the next patch merging)
+    swin_stages: typing.Literal["timm", "merged"] = "timm"
 
 
 @dataclass
