@@ -271,12 +271,14 @@ class HERBS(nn.Module):
 
     @torch.no_grad()
     def explain(self, x: Tensor) -> dict[str, Any]:
-        """For pictures: probabilities, per-stage grids, kept token indices and k2 class maps."""
+        """For pictures: probabilities, per-stage grids and strides (input pixels per token), kept token
+        indices and k2 class maps."""
         out, extras = self._run(x)
         return {
             "probs": out["logits"].exp(),
             "stage_names": [self.stage_names[i] for i in self.k2_stages],
             "grids": [extras["grids"][i] for i in self.k2_stages],
+            "reductions": [self.reductions[i] for i in self.k2_stages],
             "maps": [extras["k2_maps"][i] for i in self.k2_stages],
             "kept_index": out.get("kept_index"),
         }
