@@ -251,8 +251,8 @@ def test_lower_layers_know_the_same_choices() -> None:
     from coarse2fine.hdcnn.model import FINE_EXEC
     from coarse2fine.herbs.combiner import POOLS
     from coarse2fine.herbs.selector import RANKINGS
-    from coarse2fine.hierarchy.learn import COARSE_TARGET_RULES
     from coarse2fine.hierarchy.learn import CLUSTERING_METHODS as CLUSTERINGS
+    from coarse2fine.hierarchy.learn import COARSE_TARGET_RULES
     from coarse2fine.models.vgg import INITS
     from coarse2fine.recipes.models import METHODS
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from coarse2fine.config import HERBSConfig
 from coarse2fine.errors import ConfigError, ModelError
 from coarse2fine.herbs import (
+    FeatureFusion,
     GraphCombiner,
     HERBSObjective,
     Selector,
@@ -161,6 +162,56 @@ def test_tokens_grid_and_1d_fallback() -> None:
         to_tokens(torch.randn(2, 3, 5), "nchw", (20, 28), 4)
 
 
+class OfficialBottomUp(nn.Module):
+    """The official bottom-up block, re-implemented from its description for the test: every stage's
+    top-down output first goes through its own Linear - ReLU - Linear (F -> F); then, in stage order,
+    stage i+1 += Down_i(stage i), stage i already updated. The official Down_i is a Conv1d over the
+    token axis (tied to one input size); ours is adaptive pooling + a per-token Linear, used here too."""
+
+    def __init__(self, names: list[str], fpn_size: int):
+        super().__init__()
+        self.names = names
+        for name in names:
+            proj = nn.Sequential(nn.Linear(fpn_size, fpn_size), nn.ReLU(), nn.Linear(fpn_size, fpn_size))
+            self.add_module("Proj_" + name, proj)
+        for name in names[:-1]:
+            self.add_module("Down_" + name, nn.Linear(fpn_size, fpn_size))
+
+    def forward(self, x: dict[str, Tensor], grids: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
+        x = {name: getattr(self, "Proj_" + name)(x[name]) for name in self.names}
+        for lo, hi in zip(self.names[:-1], self.names[1:]):
+            pooled = resize_tokens(x[lo], grids[lo], x[hi].shape[1], grids[hi], pool=True)
+            x[hi] = x[hi] + getattr(self, "Down_" + lo)(pooled)
+        return x
+
+
+def test_bottom_up_projection_matches_official_block() -> None:
+    torch.manual_seed(4)
+    f, grids = 6, [(4, 4), (2, 2), (1, 1)]
+    fusion = FeatureFusion([3, 5, 7], f)
+    tokens = [torch.randn(2, h * w, c) for (h, w), c in zip(grids, [3, 5, 7])]
+    td, bu = fusion(tokens, grids)
+    names = [f"layer{i + 1}" for i in range(3)]
+    ref = OfficialBottomUp(names, f)
+    for i, name in enumerate(names):  # same weights copied in
+        getattr(ref, "Proj_" + name).load_state_dict(fusion.bu_proj[i].state_dict())
+        if i < 2:
+            getattr(ref, "Down_" + name).load_state_dict(fusion.down[i].state_dict())
+    expected = ref(dict(zip(names, td)), dict(zip(names, grids)))
+    for i, name in enumerate(names):
+        torch.testing.assert_close(bu[i], expected[name], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(bu[0], td[0])  # stage 1's k1 and k2 see different features
+    # without the projection: b_1 = t_1 and b_i = t_i + W_i Down(b_{i-1}), parameters F x F fewer per stage
+    plain = FeatureFusion([3, 5, 7], f, bottom_up_proj=False)
+    plain.load_state_dict(fusion.state_dict(), strict=False)
+    td2, bu2 = plain(tokens, grids)
+    assert plain.bu_proj is None and bu2[0] is td2[0]
+    torch.testing.assert_close(td2[2], td[2])
+    model, _ = build_herbs(TinyCNN(), NUM_CLASSES, cfg_(bottom_up_proj=False), input_size=32)
+    assert model.fusion.bu_proj is None
+    assert len(build_herbs(TinyCNN(), NUM_CLASSES, cfg_(), input_size=32)[0].fusion.bu_proj) == 4
+
+
 @pytest.mark.parametrize("rank_by", ["official", "paper"])
 def test_selector_keeps_top_k(rank_by: str) -> None:
     torch.manual_seed(1)
@@ -241,6 +292,37 @@ def test_losses_on_hand_made_inputs() -> None:
     assert torch.allclose(out["refine"], (p * (p.log() - q.log())).sum(-1).mean(), atol=1e-7)
     out["loss"].backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+def test_refine_reduction_mean_is_official_kldivloss() -> None:
+    """``mean`` equals the official nn.KLDivLoss() (default reduction: the mean over all B x N_i x C
+    elements of a stage, as in torch 1.x where the official code ran) summed over stages; ``sum``
+    (the paper's formula) is C times it."""
+    torch.manual_seed(3)
+    c, temp = 7, 4.0
+    students = [torch.randn(3, n, c) * 5 for n in (16, 4)]
+    targets = [torch.randn(3, n, c) * 5 for n in (16, 4)]
+    outs = {"refine_student": students, "refine_target": targets}
+    y = torch.zeros(3, dtype=torch.long)
+    official = sum(
+        nn.KLDivLoss()(F.log_softmax(s / temp, dim=-1), F.softmax(t / temp, dim=-1))
+        for s, t in zip(students, targets)
+    )
+    terms = {}
+    for red in ("mean", "sum"):
+        obj = HERBSObjective(HERBSConfig(temperature=temp, refine_reduction=red))
+        terms[red] = obj(outs, y)["refine"]
+    elementwise = sum(  # p (log p - log q), averaged over every element of the stage
+        (F.softmax(t / temp, -1) * (F.log_softmax(t / temp, -1) - F.log_softmax(s / temp, -1))).mean()
+        for s, t in zip(students, targets)
+    )
+    assert torch.allclose(official, elementwise, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(terms["mean"], official, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(terms["sum"], c * official, rtol=1e-5, atol=1e-7)
+    assert HERBSConfig().refine_reduction == "sum"
+    with pytest.raises(ConfigError, match="refine_reduction"):
+        HERBSObjective(HERBSConfig(refine_reduction="batchmean"))  # type: ignore[arg-type]
 
 
 def test_temperature_schedule() -> None:
@@ -330,7 +412,7 @@ def test_short_training_learns_tiny_problem() -> None:
         before = (model(xt)["logits"].argmax(-1) == yt).float().mean().item()
     model.train()
     first = None
-    for _step in range(30):
+    for _step in range(50):  # the bottom-up projections (official) make it a little slower than 30 steps
         x, y = _toy_batch(32, gen)
         terms = obj(model(x), y)
         opt.zero_grad()

@@ -10,7 +10,7 @@ from PIL import Image
 from coarse2fine.config import HERBSConfig
 from coarse2fine.errors import DataError, ModelError
 from coarse2fine.herbs import build_herbs
-from coarse2fine.herbs.explain import class_activation, explain_image, load_image
+from coarse2fine.herbs.explain import class_activation, explain_image, explain_panels, load_image, stage_map
 from test_herbs import NUM_CLASSES, TinyCNN, TinyTokens
 
 CLASSES = [f"class{i}" for i in range(NUM_CLASSES)]
@@ -53,6 +53,47 @@ def test_class_activation_peaks_where_the_class_logit_is_high() -> None:
     assert cam.shape == (16, 16)
     y, x = divmod(int(cam.argmax()), 16)
     assert 4 <= y < 8 and 4 <= x < 8
+
+
+def test_stage_map_places_tokens_at_their_stride() -> None:
+    """Token (i, j) at stride r covers pixels [i r, (i + 1) r) x [j r, (j + 1) r); nothing else is drawn."""
+    m = stage_map(torch.arange(9.0), (3, 3), (28, 28), "nearest", 8)
+    assert m[:24, :24].isfinite().all() and m[24:].isnan().all() and m[:, 24:].isnan().all()
+    for i in range(3):
+        for j in range(3):
+            assert (m[8 * i : 8 * i + 8, 8 * j : 8 * j + 8] == 3 * i + j).all()
+    clipped = stage_map(torch.arange(16.0), (4, 4), (28, 28), "nearest", 8)  # covers 32 px: cut at 28
+    assert clipped.isfinite().all() and (clipped[24:, 24:] == 15).all()
+    smooth = stage_map(torch.arange(9.0), (3, 3), (28, 28), "bilinear", 8)
+    assert smooth[:24, :24].isfinite().all() and smooth[24:].isnan().all()
+    assert smooth[4, 4] < 0.5 and smooth[20, 20] == 8  # about the tokens' values at their centres (4, 20)
+    assert stage_map(torch.arange(9.0), (3, 3), (28, 28), "nearest").isfinite().all()  # no stride: stretched
+
+
+def test_explain_overlay_covers_what_each_stage_sees() -> None:
+    """vgg_small_bn at 28 px: stage3 is a 3 x 3 grid at stride 8, so its tokens cover pixels 0-23 only."""
+    from coarse2fine.models import create_model
+
+    torch.manual_seed(0)
+    backbone = create_model("vgg_small_bn", num_classes=NUM_CLASSES, in_chans=1)
+    model, _ = build_herbs(backbone, NUM_CLASSES, HERBSConfig(fpn_size=16), input_size=28)
+    image = torch.randn(1, 28, 28)
+    panels, _ = explain_panels(model, image, CLASSES)
+    stages = {p.title.split(":")[0]: p for p in panels if p.tokens is not None}
+    assert set(stages) == {"stage1", "stage2", "stage3"}
+    assert stages["stage1"].tokens.isfinite().all() and stages["stage2"].tokens.isfinite().all()  # 14x2, 7x4
+    t3 = stages["stage3"].tokens
+    assert t3[:24, :24].isfinite().all() and t3[24:].isnan().all() and t3[:, 24:].isnan().all()
+    kept = model.eval().explain(image[None])["kept_index"][2][0].tolist()
+    for n in range(9):
+        i, j = divmod(n, 3)
+        assert (t3[8 * i : 8 * i + 8, 8 * j : 8 * j + 8] == float(n in kept)).all()
+    assert panels[-1].heat is not None and panels[-1].heat.isfinite().all()  # stage1 covers every pixel
+    # background suppression on stage3 alone: the class map leaves out the uncovered border
+    bs, _ = build_herbs(create_model("vgg_small_bn", num_classes=NUM_CLASSES, in_chans=1), NUM_CLASSES,
+                        HERBSConfig(fpn_size=16, basic="bs"), input_size=28)
+    heat = explain_panels(bs, image, CLASSES)[0][-1].heat
+    assert heat[:24, :24].isfinite().all() and heat[24:].isnan().all() and heat[:, 24:].isnan().all()
 
 
 def test_load_image(tmp_path) -> None:

@@ -49,6 +49,9 @@ def test_recipes_are_valid_run_configs() -> None:
     assert (cub.optim.lr, cub.optim.weight_decay, cub.optim.nesterov) == (5e-4, 3e-4, True)
     assert (cub.data.batch_size, cub.train.accumulate, cub.train.epochs) == (8, 4, 80)
     assert (cub.data.image_size, cub.data.train_scale, cub.schedule.warmup_steps) == (384, [510], 1500)
+    for name in ("cub", "nabirds"):  # the official code's loss reduction, projection and Swin stages
+        h = load_config(f"configs/herbs_{name}.yaml").herbs
+        assert (h.refine_reduction, h.lambda_refine, h.bottom_up_proj, h.swin_stages) == ("mean", 1.375, True, "merged")
 
 
 def test_herbs_on_factory_backbones() -> None:
@@ -105,6 +108,71 @@ def test_herbs_on_timm_swin_at_another_input_size() -> None:
         out = model(torch.randn(2, 3, 64, 64))
     assert out["logits"].shape == (2, 5)
     assert out["kept_index"][0].shape[1] > model.kept_counts[0]  # a fraction of the larger grid
+
+
+def test_swin_merged_stages_are_the_tensors_inside_timm() -> None:
+    """Merged stage i < L is the input of timm's stage i+1 blocks (after its patch merging); the last is timm's."""
+    model = tiny_swin(32).eval()
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.blocks.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        for layer in list(model.model.layers)[1:]
+    ]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model.forward_stages(x)
+        for h in hooks:
+            h.remove()
+        merged = model.forward_merged_stages(x)
+    assert [tuple(o.shape) for o in merged] == [(2, 16, 48), (2, 4, 96), (2, 1, 192), (2, 1, 192)]
+    for got, inside in zip(merged[:3], seen):
+        torch.testing.assert_close(got, inside.flatten(1, 2))
+    torch.testing.assert_close(merged[3], plain[3])
+    infos = model.merged_stage_info()
+    assert [(i.name, i.channels, i.reduction) for i in infos] == [
+        ("stage1", 48, 8), ("stage2", 96, 16), ("stage3", 192, 32), ("stage4", 192, 32)
+    ]
+
+
+def test_swin_large_384_merged_pyramid_on_meta_device() -> None:
+    """The official pyramid of Swin-L at 384 px (no memory used: meta tensors)."""
+    from coarse2fine.herbs import build_herbs
+    from coarse2fine.models import create_model
+
+    cfg = load_config("configs/herbs_cub.yaml").herbs
+    with torch.device("meta"):
+        backbone = create_model("timm/swin_large_patch4_window12_384", num_classes=200)
+        x = torch.zeros(1, 3, 384, 384)
+        merged = backbone.forward_merged_stages(x)
+        plain = backbone.forward_stages(x)
+        model, _ = build_herbs(backbone, 200, cfg, 384)
+    assert [tuple(o.shape[1:]) for o in merged] == [(2304, 384), (576, 768), (144, 1536), (144, 1536)]
+    assert [tuple(o.shape[1:]) for o in plain] == [(9216, 192), (2304, 384), (576, 768), (144, 1536)]
+    assert [(i.channels, i.reduction) for i in backbone.merged_stage_info()] == [
+        (384, 8), (768, 16), (1536, 32), (1536, 32)
+    ]
+    assert model.token_counts == [2304, 576, 144, 144] and model.kept_counts == [256, 128, 64, 32]
+    assert model.reductions == [8, 16, 32, 32]
+
+
+def test_herbs_on_merged_swin_stages_and_errors() -> None:
+    from coarse2fine.config import HERBSConfig
+    from coarse2fine.errors import ConfigError
+    from coarse2fine.herbs import build_herbs
+    from coarse2fine.models import create_model
+
+    cfg = HERBSConfig(fpn_size=16, swin_stages="merged")
+    model, objective = build_herbs(tiny_swin(64), 5, cfg, 64)
+    assert model.token_counts == [64, 16, 4, 4]
+    out = model(torch.randn(2, 3, 64, 64))
+    objective(out, torch.tensor([1, 2]))["loss"].backward()
+    assert model.backbone.model.layers[1].downsample.reduction.weight.grad is not None
+    with pytest.raises(ModelError, match="swin_stages"):
+        build_herbs(create_model("timm/resnet18", num_classes=5), 5, cfg, 64)
+    with pytest.raises(ModelError, match="swin_stages"):
+        build_herbs(create_model("vgg_small_bn", num_classes=5, in_chans=1), 5, cfg, 28)
+    with pytest.raises(ConfigError, match="swin_stages"):
+        build_herbs(tiny_swin(64), 5, HERBSConfig(fpn_size=16, swin_stages="late"), 64)  # type: ignore[arg-type]
 
 
 def test_pretrained_file_mismatch_reaches_the_user(tmp_path, capsys) -> None:

@@ -40,6 +40,8 @@ Amp = Literal["auto", "bf16", "fp16", "off"]
 NanPolicy = Literal["stop", "skip"]
 TestProtocol = Literal["center", "dense", "multicrop", "multiscale", "dense+multicrop"]
 Clustering = Literal["auto", "spectral", "affinity", "agglomerative"]
+RefineReduction = Literal["mean", "sum"]
+SwinStages = Literal["timm", "merged"]
 CoarseTargets = Literal["paper", "aggregation"]
 FineHeadInit = Literal["random", "block"]
 FineExec = Literal["auto", "vmap", "loop"]
@@ -250,6 +252,13 @@ class HERBSConfig:
     lambda_refine: float = setting(1.0, ge=0)  # paper 1, official code 1.375
     temperature: float = setting(64.0, gt=0)  # T_0
     temperature_period: int = setting(10, ge=1)  # T_e = T_0 0.5^floor(e / period)
+
+    # refinement KL per token over classes: sum (paper's formula) | mean (official nn.KLDivLoss(): also / C_gt)
+    refine_reduction: RefineReduction = "sum"
+    # official per-stage Linear-ReLU-Linear (F -> F) on each top-down output before the bottom-up addition
+    bottom_up_proj: bool = True
+    # Swin stage outputs: timm (as timm gives them) | merged (official: stages 1..L-1 after the next patch merging)
+    swin_stages: SwinStages = "timm"
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         for i, v in enumerate(self.num_selects or []):

@@ -2,8 +2,13 @@
 
 One PNG per image: the image; for each selected stage, the tokens the selector keeps (foreground
 mask over the image); a class-activation heat map of the predicted class (the k2 per-token class
-maps, each stage resized to the image and scaled to [0, 1], then averaged); the top-5 classes with
+maps, each stage placed on the image and scaled to [0, 1], then averaged); the top-5 classes with
 their probabilities in the title. Stages whose tokens have no 2-D grid (see ``fpn``) are skipped.
+
+Each stage is drawn where its tokens lie: with stage stride r (``feature_info`` reduction), token
+(i, j) covers rows [i r, (i + 1) r) and columns [j r, (j + 1) r) of the input, clipped to the image.
+A grid may cover less than the image (a 3 x 3 grid at stride 8 on 28 px covers pixels 0-23): the
+rest is NaN in the stage's map, greyed in the kept-token panels and left out of the heat map.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +27,25 @@ from torch import Tensor
 from coarse2fine.errors import DataError, ModelError
 
 
-def _grid_map(values: Tensor, grid: tuple[int, int], size: tuple[int, int], mode: str) -> Tensor:
-    """Token values ``(N,)`` on ``grid`` -> ``(H, W)`` image-sized map."""
+def stage_map(
+    values: Tensor, grid: tuple[int, int], size: tuple[int, int], mode: str, stride: int | None = None
+) -> Tensor:
+    """Token values ``(N,)`` on ``grid`` -> ``(H, W)`` map of the image's pixels.
+
+    With ``stride`` r, token (i, j) covers pixels [i r, (i + 1) r) x [j r, (j + 1) r) (clipped to the
+    image) and pixels no token covers are NaN; ``mode``: ``nearest`` (one value per token) or
+    ``bilinear`` (between token centres). Without a stride the grid is stretched over the image.
+    """
     m = values.float().reshape(1, 1, *grid)
+    cover = size if stride is None else (grid[0] * stride, grid[1] * stride)
     if mode == "nearest":
-        return F.interpolate(m, size=size, mode="nearest")[0, 0]
-    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]
+        m = F.interpolate(m, size=cover, mode="nearest")[0, 0]
+    else:
+        m = F.interpolate(m, size=cover, mode="bilinear", align_corners=False)[0, 0]
+    out = torch.full(size, float("nan"))
+    h, w = min(size[0], cover[0]), min(size[1], cover[1])
+    out[:h, :w] = m[:h, :w]
+    return out
 
 
 def _display(image: Tensor) -> Tensor:
@@ -39,16 +58,22 @@ def _display(image: Tensor) -> Tensor:
 
 
 def class_activation(
-    maps: Sequence[Tensor], grids: Sequence[Any], cls: int, size: tuple[int, int]
+    maps: Sequence[Tensor],
+    grids: Sequence[Any],
+    cls: int,
+    size: tuple[int, int],
+    strides: Sequence[int | None] | None = None,
 ) -> Tensor | None:
-    """Mean over stages of the per-token logit of class ``cls``, each stage scaled to [0, 1]."""
+    """Mean over stages of the per-token logit of class ``cls``, each stage placed by ``stage_map``
+    and scaled to [0, 1]; a pixel averages the stages that cover it (NaN where none does)."""
     layers = []
-    for m, g in zip(maps, grids):
+    for m, g, r in zip(maps, grids, strides or [None] * len(maps)):
         if g is None:
             continue
-        a = _grid_map(m[:, cls], g, size, "bilinear")
-        layers.append((a - a.min()) / (a.max() - a.min()).clamp_min(1e-8))
-    return torch.stack(layers).mean(0) if layers else None
+        a = stage_map(m[:, cls], g, size, "bilinear", r)
+        lo, hi = a.nan_to_num(float("inf")).min(), a.nan_to_num(float("-inf")).max()
+        layers.append((a - lo) / (hi - lo).clamp_min(1e-8))
+    return torch.stack(layers).nanmean(0) if layers else None
 
 
 def _atomic_savefig(fig: Any, path: Path) -> None:
@@ -63,26 +88,34 @@ def _atomic_savefig(fig: Any, path: Path) -> None:
             os.unlink(tmp)
 
 
+@dataclass
+class Panel:
+    """One picture of the figure: ``image`` (H, W, 3) with an optional ``heat`` map (H, W) over it;
+    for a stage's kept-token picture, ``tokens`` (H, W): 1 kept, 0 dropped, NaN where no token lies."""
+
+    title: str
+    image: Tensor
+    heat: Tensor | None = None
+    tokens: Tensor | None = None
+
+
+def _kept_panel(name: str, grid: tuple[int, int], kept: Tensor, stride: int | None, shown: Tensor) -> Panel:
+    mask = torch.zeros(grid[0] * grid[1])
+    mask[kept.cpu()] = 1.0
+    m = stage_map(mask, grid, (shown.shape[0], shown.shape[1]), "nearest", stride)
+    covered = ~m.isnan()
+    m0 = m.nan_to_num(0.0)
+    over = shown * (0.35 + 0.65 * m0[..., None])
+    over[..., 0] = torch.maximum(over[..., 0], 0.6 * m0)
+    over[~covered] = 0.4 + 0.3 * shown[~covered]  # no token of this stage lies here: washed-out grey
+    return Panel(f"{name}: kept {int(mask.sum())}/{mask.numel()}", over, tokens=m)
+
+
 @torch.no_grad()
-def explain_image(
-    model: Any,
-    image: Tensor,
-    classes: Sequence[str],
-    path: str | Path,
-    *,
-    display: Tensor | None = None,
-    topk: int = 5,
-) -> list[tuple[str, float]]:
-    """Draw the picture for one normalised image ``(C, H, W)`` into ``path`` (PNG).
-
-    ``model`` is a ``HERBS``; ``display`` is the image to show (default: ``image`` min-max scaled).
-    Returns the top-k ``(class, probability)`` pairs.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def explain_panels(
+    model: Any, image: Tensor, classes: Sequence[str], *, display: Tensor | None = None, topk: int = 5
+) -> tuple[list[Panel], list[tuple[str, float]]]:
+    """The pictures ``explain_image`` draws, and the top-k ``(class, probability)`` pairs."""
     if not hasattr(model, "explain"):
         raise ModelError(f"c2f explain needs a HERBS model, got {type(model).__name__}")
     if image.dim() != 3:
@@ -104,29 +137,45 @@ def explain_image(
     shown = _display(display if display is not None else image)
     maps = [m[0].float().cpu() for m in info["maps"]]
     grids = info["grids"]
-    kept = info["kept_index"]
+    strides = info.get("reductions") or [None] * len(grids)
 
-    panels: list[tuple[str, Tensor, Tensor | None]] = [("image", shown, None)]
-    if kept is not None:
-        for name, g, idx in zip(info["stage_names"], grids, kept):
-            if g is None:
-                continue
-            mask = torch.zeros(g[0] * g[1])
-            mask[idx[0].cpu()] = 1.0
-            m = _grid_map(mask, g, size, "nearest")
-            over = shown * (0.35 + 0.65 * m[..., None])
-            over[..., 0] = torch.maximum(over[..., 0], 0.6 * m)
-            panels.append((f"{name}: kept {int(mask.sum())}/{mask.numel()}", over, None))
-    cam = class_activation(maps, grids, int(top_i[0]), size)
+    panels = [Panel("image", shown)]
+    if info["kept_index"] is not None:
+        for name, g, idx, r in zip(info["stage_names"], grids, info["kept_index"], strides):
+            if g is not None:
+                panels.append(_kept_panel(name, g, idx[0], r, shown))
+    cam = class_activation(maps, grids, int(top_i[0]), size, strides)
     if cam is not None:
-        panels.append((f"class map: {top[0][0]}", shown, cam))
+        panels.append(Panel(f"class map: {top[0][0]}", shown, heat=cam))
+    return panels, top
 
+
+def explain_image(
+    model: Any,
+    image: Tensor,
+    classes: Sequence[str],
+    path: str | Path,
+    *,
+    display: Tensor | None = None,
+    topk: int = 5,
+) -> list[tuple[str, float]]:
+    """Draw the picture for one normalised image ``(C, H, W)`` into ``path`` (PNG).
+
+    ``model`` is a ``HERBS``; ``display`` is the image to show (default: ``image`` min-max scaled).
+    Returns the top-k ``(class, probability)`` pairs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels, top = explain_panels(model, image, classes, display=display, topk=topk)
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
-    for ax, (title, img, heat) in zip(axes[0], panels):
-        ax.imshow(img.numpy())
-        if heat is not None:
-            ax.imshow(heat.numpy(), cmap="jet", alpha=0.5)
-        ax.set_title(title, fontsize=8)
+    for ax, panel in zip(axes[0], panels):
+        ax.imshow(panel.image.numpy())
+        if panel.heat is not None:  # NaN (no stage covers the pixel) is drawn transparent
+            ax.imshow(panel.heat.numpy(), cmap="jet", alpha=0.5)
+        ax.set_title(panel.title, fontsize=8)
         ax.axis("off")
     fig.suptitle("  ".join(f"{c} {p:.1%}" for c, p in top), fontsize=9)
     try:

@@ -13,6 +13,10 @@ Resizing between stages never learns over the token axis (the official code's ``
 tokens ties it to one input size): the top-down path upsamples by bilinear (or linear)
 interpolation, the bottom-up path downsamples by adaptive average pooling followed by a learned
 per-token linear map. So the same weights work at every input size.
+
+As in the official code, the bottom-up path first passes every top-down output through its own
+per-token Linear - ReLU - Linear (F -> F) before the downsampled previous stage is added
+(``bottom_up_proj``), so the bottom-up b_1 differs from the top-down t_1.
 """
 
 from __future__ import annotations
@@ -82,10 +86,18 @@ class FeatureFusion(nn.Module):
 
     ``forward`` returns ``(top_down, bottom_up)`` lists of ``(B, N_i, F)``; with ``top_down=False``
     the top-down list is the projections, with ``bottom_up=False`` the bottom-up list is ``None``.
+    Bottom-up: ``b_1 = Q_1(t_1)``, ``b_i = Q_i(t_i) + W_i Down(b_{i-1})`` with ``Q_i`` the per-stage
+    Linear - ReLU - Linear (F -> F) of the official code (identity when ``bottom_up_proj=False``).
     """
 
     def __init__(
-        self, in_channels: list[int], fpn_size: int, *, top_down: bool = True, bottom_up: bool = True
+        self,
+        in_channels: list[int],
+        fpn_size: int,
+        *,
+        top_down: bool = True,
+        bottom_up: bool = True,
+        bottom_up_proj: bool = True,
     ):
         super().__init__()
         # Official projection: Linear - ReLU - Linear per stage (a 1x1 conv on CNN maps).
@@ -96,6 +108,14 @@ class FeatureFusion(nn.Module):
         self.bottom_up = bottom_up
         n = len(in_channels)
         self.down = nn.ModuleList(nn.Linear(fpn_size, fpn_size) for _ in range(n - 1)) if bottom_up else None
+        self.bu_proj = (
+            nn.ModuleList(
+                nn.Sequential(nn.Linear(fpn_size, fpn_size), nn.ReLU(inplace=True), nn.Linear(fpn_size, fpn_size))
+                for _ in range(n)
+            )
+            if bottom_up and bottom_up_proj
+            else None
+        )
 
     def forward(self, tokens: list[Tensor], grids: list[Grid]) -> tuple[list[Tensor], list[Tensor] | None]:
         sizes = [t.shape[1] for t in tokens]
@@ -105,10 +125,11 @@ class FeatureFusion(nn.Module):
                 td[i] = td[i] + resize_tokens(td[i + 1], grids[i + 1], sizes[i], grids[i], pool=False)
         if not self.bottom_up:
             return td, None
-        bu = [td[0]]
+        src = [q(t) for q, t in zip(self.bu_proj, td)] if self.bu_proj is not None else td
+        bu = [src[0]]
         for i in range(1, len(td)):  # stage i += downsample(stage i-1)
             down = resize_tokens(bu[i - 1], grids[i - 1], sizes[i], grids[i], pool=True)
-            bu.append(td[i] + self.down[i - 1](down))
+            bu.append(src[i] + self.down[i - 1](down))
         return td, bu
 
 

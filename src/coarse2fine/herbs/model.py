@@ -16,6 +16,9 @@ Basic variants for a plain backbone (paper Fig. 3), ``cfg.basic``:
   weight ``lambda_merged``); losses merged + refine.
 
 A basic variant ignores the ``use_*`` switches (only its own parts exist).
+
+``cfg.swin_stages='merged'`` takes a timm Swin's stages as the official code saw them (each stage
+after the next stage's patch merging; ``TimmBackbone.forward_merged_stages``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from coarse2fine.config import HERBSConfig
-from coarse2fine.errors import ModelError
+from coarse2fine.errors import ConfigError, ModelError
 from coarse2fine.herbs.combiner import GraphCombiner
 from coarse2fine.herbs.fpn import FeatureFusion, Grid, TokenClassifier, resize_tokens, to_tokens
 from coarse2fine.herbs.objective import HERBSObjective
 from coarse2fine.herbs.selector import Selector, default_num_selects
 
 log = logging.getLogger(__name__)
+
+SWIN_STAGES = ("timm", "merged")
 
 
 def _input_hw(backbone: nn.Module, input_size: int | Sequence[int] | None) -> tuple[int, int, int]:
@@ -56,9 +61,21 @@ def _input_hw(backbone: nn.Module, input_size: int | Sequence[int] | None) -> tu
     raise ModelError(f"input_size {input_size!r}: expected an int, (H, W) or (C, H, W)")
 
 
-def _choose_stages(backbone: nn.Module, cfg: HERBSConfig) -> list[int]:
-    """Indices (into ``feature_info``) of the stages HERBS uses."""
-    infos = list(getattr(backbone, "feature_info", []))
+def _stage_infos(backbone: nn.Module, swin_stages: str) -> list[Any]:
+    """The backbone's stages as HERBS takes them: ``feature_info``, or the merged Swin stages."""
+    if swin_stages not in SWIN_STAGES:
+        raise ConfigError(f"herbs.swin_stages = {swin_stages!r}: expected timm or merged")
+    if swin_stages == "timm":
+        return list(backbone.feature_info)
+    if not hasattr(backbone, "merged_stage_info"):
+        raise ModelError(
+            f"herbs.swin_stages=merged needs a timm Swin backbone (timm/swin_*), got {type(backbone).__name__}"
+        )
+    return list(backbone.merged_stage_info())
+
+
+def _choose_stages(backbone: nn.Module, infos: list[Any], cfg: HERBSConfig) -> list[int]:
+    """Indices (into ``infos``, the backbone's stages) of the stages HERBS uses."""
     names = [s.name for s in infos]
     model_name = type(backbone).__name__
     if cfg.stages:
@@ -125,8 +142,10 @@ class HERBS(nn.Module):
         self.basic = cfg.basic
         self.layout = getattr(backbone, "token_layout", "nchw")
         self.input_size = _input_hw(backbone, input_size)
-        self.stage_index = _choose_stages(backbone, cfg)
-        infos = [backbone.feature_info[i] for i in self.stage_index]
+        self.swin_stages = cfg.swin_stages
+        all_infos = _stage_infos(backbone, cfg.swin_stages)
+        self.stage_index = _choose_stages(backbone, all_infos, cfg)
+        infos = [all_infos[i] for i in self.stage_index]
         self.stage_names = [s.name for s in infos]
         self.reductions = [int(s.reduction) for s in infos]
 
@@ -136,7 +155,7 @@ class HERBS(nn.Module):
         try:
             param = next(backbone.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
-            outs = backbone.forward_stages(torch.zeros(1, *self.input_size, device=device))
+            outs = self._stages(torch.zeros(1, *self.input_size, device=device))
             used = [outs[i] for i in self.stage_index]
             self.frozen_unused = _freeze_unused(backbone, used)
         finally:
@@ -154,7 +173,13 @@ class HERBS(nn.Module):
         use_combiner = cfg.use_combiner if full else cfg.basic == "bs"
         use_refinement = cfg.use_refinement if full else cfg.basic == "refine"
         use_bottom_up = cfg.use_bottom_up and full
-        self.fusion = FeatureFusion(channels, cfg.fpn_size, top_down=cfg.use_fpn and full, bottom_up=use_bottom_up)
+        self.fusion = FeatureFusion(
+            channels,
+            cfg.fpn_size,
+            top_down=cfg.use_fpn and full,
+            bottom_up=use_bottom_up,
+            bottom_up_proj=cfg.bottom_up_proj,
+        )
 
         # Which stages carry a k1 (student, top-down) and a k2 (bottom-up / final) classifier.
         if cfg.basic == "refine":
@@ -182,13 +207,18 @@ class HERBS(nn.Module):
             self.combiner = GraphCombiner(cfg.fpn_size, num_classes, nodes, pool=cfg.combiner_pool, num_tokens=total)
 
     # ------------------------------------------------------------------------------------------
+    def _stages(self, x: Tensor) -> list[Tensor]:
+        if self.swin_stages == "merged":
+            return self.backbone.forward_merged_stages(x)
+        return self.backbone.forward_stages(x)
+
     def head_names(self) -> list[str]:
         names = [f"td_{i + 1}" for i in self.k1_stages] + [f"bu_{i + 1}" for i in self.k2_stages]
         return [*names, "combiner"] if self.combiner is not None else names
 
     def _run(self, x: Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
         hw = (x.shape[-2], x.shape[-1])
-        outs = self.backbone.forward_stages(x)
+        outs = self._stages(x)
         toks: list[Tensor] = []
         grids: list[Grid] = []
         for i, r in zip(self.stage_index, self.reductions):
@@ -238,12 +268,14 @@ class HERBS(nn.Module):
 
     @torch.no_grad()
     def explain(self, x: Tensor) -> dict[str, Any]:
-        """For pictures: probabilities, per-stage grids, kept token indices and k2 class maps."""
+        """For pictures: probabilities, per-stage grids and strides (input pixels per token), kept token
+        indices and k2 class maps."""
         out, extras = self._run(x)
         return {
             "probs": out["logits"].exp(),
             "stage_names": [self.stage_names[i] for i in self.k2_stages],
             "grids": [extras["grids"][i] for i in self.k2_stages],
+            "reductions": [self.reductions[i] for i in self.k2_stages],
             "maps": [extras["k2_maps"][i] for i in self.k2_stages],
             "kept_index": out.get("kept_index"),
         }

@@ -5,9 +5,12 @@
   (``lambda_layer``);
 - ``dropped``: MSE(tanh(logits of dropped tokens), -1), mean over tokens and classes, summed over
   stages (``lambda_dropped``);
-- ``refine``: KL(softmax(Y_i2 / T_e) || softmax(Y_i1 / T_e)) per token (summed over classes,
-  averaged over tokens and images), summed over stages; target Y_i2 (bottom-up) detached,
-  student Y_i1 (top-down) (``lambda_refine``). ``T_e = T_0 * 0.5^floor(e / period)``.
+- ``refine``: KL(softmax(Y_i2 / T_e) || softmax(Y_i1 / T_e)) per token, averaged over tokens and
+  images, summed over stages; target Y_i2 (bottom-up) detached, student Y_i1 (top-down)
+  (``lambda_refine``). ``T_e = T_0 * 0.5^floor(e / period)``. Over classes the KL is summed
+  (``refine_reduction: sum``, the paper's formula) or averaged (``mean``: the official code's
+  ``nn.KLDivLoss()``, whose default reduction averages over all B x N_i x C_gt elements of a stage,
+  i.e. the sum divided by C_gt).
 
 A term whose part the model lacks (e.g. no combiner) is 0.
 """
@@ -23,6 +26,9 @@ from torch import Tensor
 
 from coarse2fine.config import HERBSConfig
 from coarse2fine.engine.objective import Objective
+from coarse2fine.errors import ConfigError
+
+REFINE_REDUCTIONS = ("sum", "mean")
 
 
 def temperature_at(epoch: int, t0: float, period: int) -> float:
@@ -39,13 +45,17 @@ def dropped_loss(dropped: list[Tensor]) -> Tensor | None:
     return torch.stack(terms).sum() if terms else None
 
 
-def refine_loss(student: list[Tensor], target: list[Tensor], temperature: float) -> Tensor | None:
+def refine_loss(
+    student: list[Tensor], target: list[Tensor], temperature: float, reduction: str = "sum"
+) -> Tensor | None:
+    """Sum over stages of the per-token KL(target || student) of the tempered softmaxes, averaged
+    over images and tokens; over classes summed (``sum``) or averaged (``mean``, = nn.KLDivLoss())."""
     terms = []
     for s, t in zip(student, target):
         log_q = F.log_softmax(s.float() / temperature, dim=-1)
         log_p = F.log_softmax(t.detach().float() / temperature, dim=-1)
-        kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # per token
-        terms.append(kl.mean())
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="none")  # (B, N, C) elements
+        terms.append(kl.sum(-1).mean() if reduction == "sum" else kl.mean())
     return torch.stack(terms).sum() if terms else None
 
 
@@ -58,6 +68,9 @@ class HERBSObjective(Objective):
         self.lambda_layer = cfg.lambda_layer
         self.lambda_dropped = cfg.lambda_dropped
         self.lambda_refine = cfg.lambda_refine
+        if cfg.refine_reduction not in REFINE_REDUCTIONS:
+            raise ConfigError(f"herbs.refine_reduction = {cfg.refine_reduction!r}: expected sum or mean")
+        self.refine_reduction = cfg.refine_reduction
         self.t0 = cfg.temperature
         self.period = cfg.temperature_period
         self.epoch = 0
@@ -76,7 +89,10 @@ class HERBSObjective(Objective):
         layer = torch.stack(layers).sum() if layers else None
         dropped = dropped_loss(outputs.get("dropped", []))
         refine = refine_loss(
-            outputs.get("refine_student", []), outputs.get("refine_target", []), self.temperature
+            outputs.get("refine_student", []),
+            outputs.get("refine_target", []),
+            self.temperature,
+            self.refine_reduction,
         )
         terms = {"merged": merged, "layer": layer, "dropped": dropped, "refine": refine}
         weights = {

@@ -8,6 +8,13 @@ forward does work outside modules (e.g. ViT's position embedding) get a ModelErr
 
 Sequence entries cannot contain dots (``nn.Sequential`` names), so stage module paths are given
 with ``_`` for ``.`` (``blocks.1`` -> ``blocks_1``) in ``feature_info`` and ``sequence()``.
+
+Swin models also offer the stage outputs of the official HERBS code (an older timm whose Swin stages
+ended with their patch merging): ``forward_merged_stages`` / ``merged_stage_info``. Stage i < L is
+then timm's stage i passed through stage i+1's patch merging (``layers[i+1].downsample``, which
+current timm runs at the start of stage i+1); the last stage is unchanged. Swin-L at 384 px:
+2304 / 576 / 144 / 144 tokens of 384 / 768 / 1536 / 1536 channels instead of 9216 / 2304 / 576 / 144
+of 192 / 384 / 768 / 1536.
 """
 
 from __future__ import annotations
@@ -92,6 +99,40 @@ class TimmBackbone(Backbone):
         if self.token_layout == "nlc":
             outs = [o.flatten(2).transpose(1, 2) for o in outs]  # NCHW -> (B, N, C)
         return list(outs)
+
+    def _merging_layers(self) -> list[nn.Module]:
+        """``layers[1:]``'s patch-merging modules; ModelError when the model has no such Swin stages."""
+        layers = getattr(self.model, "layers", None)
+        paths = [f"layers.{i}" for i in range(len(self.feature_info))]
+        merging = [getattr(layer, "downsample", None) for layer in list(layers or [])[1:]]
+        if (
+            self.token_layout != "nlc"
+            or self._stage_paths != paths
+            or not merging
+            or any(m is None or isinstance(m, nn.Identity) for m in merging)
+        ):
+            raise ModelError(
+                f"timm model {self.timm_name!r} has no Swin stages with patch merging (layers[i].downsample), "
+                "so herbs.swin_stages=merged does not apply; use a timm/swin_* model or swin_stages=timm"
+            )
+        return merging
+
+    def merged_stage_info(self) -> list[StageInfo]:
+        """Stage infos of ``forward_merged_stages`` (see the module docstring)."""
+        self._merging_layers()
+        infos = self.feature_info
+        merged = [  # stage i: the channels and stride of stage i+1, whose patch merging it went through
+            StageInfo(infos[i].name, infos[i + 1].channels, infos[i + 1].reduction, f"{infos[i + 1].module}_downsample")
+            for i in range(len(infos) - 1)
+        ]
+        return [*merged, infos[-1]]
+
+    def forward_merged_stages(self, x: Tensor) -> list[Tensor]:
+        """Swin stage outputs taken after the next stage's patch merging, as tokens (B, N, C)."""
+        merging = self._merging_layers()
+        outs = self.model.forward_intermediates(x, intermediates_only=True)  # NCHW
+        merged = [m(o.permute(0, 2, 3, 1)) for m, o in zip(merging, outs[:-1])]  # NHWC, as the stages run
+        return [o.flatten(1, 2) for o in merged] + [outs[-1].flatten(2).transpose(1, 2)]
 
     def reset_classifier(self, num_classes: int) -> None:
         self.model.reset_classifier(num_classes)

@@ -19,6 +19,10 @@ from coarse2fine.facts import RunFacts
 from coarse2fine.recipes.data import transforms_for
 from coarse2fine.recipes.models import build_model_and_objective
 
+# Options added after checkpoints were written: the value that rebuilds those checkpoints' models, used
+# when a stored config lacks the key (a newer default would change the architecture).
+PRE_OPTION_VALUES: dict[tuple[str, str], Any] = {("herbs", "bottom_up_proj"): False}
+
 
 @dataclass
 class Trained:
@@ -38,6 +42,15 @@ class Trained:
         """The eval transform the model was validated with (statistics stored in the checkpoint)."""
         f = self.facts
         return transforms_for(self.cfg, f.data_stats, f.image_size, f.in_memory)[1]
+
+
+def stored_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config with the options it predates set to their old behaviour."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (section, key), value in PRE_OPTION_VALUES.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section][key] = value
+    return data
 
 
 def read_facts(ckpt: dict[str, Any], path: str | Path) -> RunFacts:
@@ -61,7 +74,7 @@ def load_trained(
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r}: not a coarse2fine training checkpoint")
     try:
-        stored = config_from_dict(ckpt["config"])
+        stored = config_from_dict(stored_config(ckpt["config"]))
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: stored config is invalid: {exc}") from exc
     cfg = with_overrides(stored, overrides or [])  # a bad override is the caller's ConfigError
