@@ -14,7 +14,7 @@ from coarse2fine.data import CIFAR10, CIFAR100, CUB200, DATASETS, FashionMNIST, 
 from coarse2fine.data import fashion_mnist as fm
 from coarse2fine.data.idx import write_idx
 from coarse2fine.errors import ConfigError, DataError
-from test_data_helpers import COARSE, FINE, write_cifar100, write_cub, write_fashion_mnist, write_nabirds
+from helpers.data import COARSE, FINE, write_cifar100, write_cub, write_fashion_mnist, write_nabirds
 
 # ---- IDX ---------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from PIL import Image
 from coarse2fine.data import ImageFolderDataset, build_loader, convert_mode, load_dataset, load_image
 from coarse2fine.data.transforms import large_eval_transform
 from coarse2fine.errors import ConfigError, DataError
-from test_data_helpers import write_folder, write_png
+from helpers.data import write_folder, write_png
 
 
 def test_folder_flat_tree(tmp_path):

@@ -25,7 +25,7 @@ from coarse2fine.data import (
 )
 from coarse2fine.data.transforms import PCAColorShift, large_eval_transform, large_train_transform
 from coarse2fine.errors import ConfigError, DataError
-from test_data_helpers import write_folder
+from helpers.data import write_folder
 
 
 def tiny_memory(n_per_class=(6, 10, 4), size=8, channels=3, seed=0) -> InMemoryDataset:

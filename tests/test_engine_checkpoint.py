@@ -14,7 +14,7 @@ import torch
 from coarse2fine.engine import check_compatible, load_checkpoint, save_checkpoint
 from coarse2fine.engine import checkpoint as ckpt_mod
 from coarse2fine.errors import CheckpointError
-from test_engine_helpers import CLASSES, TinyNet
+from helpers.engine import CLASSES, TinyNet
 
 
 def state(model: torch.nn.Module, epoch: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from coarse2fine.engine import load_checkpoint, predict_proba
-from test_engine_helpers import STEPS_PER_EPOCH, comparable, make_loaders, run
+from helpers.engine import STEPS_PER_EPOCH, comparable, make_loaders, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

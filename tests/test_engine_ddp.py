@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from coarse2fine.engine import load_checkpoint, predict_proba
-from test_engine_helpers import TinyDataset, TinyLoader, comparable, run
+from helpers.engine import TinyDataset, TinyLoader, comparable, run
 
-HELPERS = Path(__file__).with_name("test_engine_helpers.py")
+HELPERS = Path(__file__).parent / "helpers" / "engine.py"
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from coarse2fine.engine import (
     predict_proba,
     save_eval_artifacts,
 )
-from test_engine_helpers import TinyNet
+from helpers.engine import TinyNet
 
 C = 7
 

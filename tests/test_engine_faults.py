@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from coarse2fine.engine import load_checkpoint
-from test_engine_helpers import (
+from helpers.engine import (
     EPOCHS,
     STEPS_PER_EPOCH,
     assert_same_weights,
@@ -23,7 +23,7 @@ from test_engine_helpers import (
     run,
 )
 
-HELPERS = Path(__file__).with_name("test_engine_helpers.py")
+HELPERS = Path(__file__).parent / "helpers" / "engine.py"
 
 
 @pytest.fixture(scope="module")

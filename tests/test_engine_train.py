@@ -28,7 +28,7 @@ from coarse2fine.engine import (
 )
 from coarse2fine.engine import checkpoint as ckpt_mod
 from coarse2fine.errors import CheckpointError, ConfigError
-from test_engine_helpers import (
+from helpers.engine import (
     CLASSES,
     EPOCHS,
     STEPS_PER_EPOCH,

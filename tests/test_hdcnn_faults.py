@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_hdcnn_helpers import write_fashion_mnist
+from helpers.hdcnn import write_fashion_mnist
 
 
 def _command(root: Path, out: Path) -> list[str]:

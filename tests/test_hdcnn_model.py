@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from coarse2fine.errors import HierarchyError, ModelError
 from coarse2fine.hdcnn.model import HDCNN, FineComponentNet, find_classifier, split_block
 from coarse2fine.hierarchy import coarse_targets
-from test_hdcnn_helpers import TinyBlock
+from helpers.hdcnn import TinyBlock
 
 SETS = [[0, 1, 2], [2, 3], [3, 4, 5]]
 

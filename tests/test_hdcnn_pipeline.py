@@ -23,7 +23,7 @@ from coarse2fine.errors import CheckpointError, ConfigError, ModelError
 from coarse2fine.hdcnn import HDCNN
 from coarse2fine.models import register_model, unregister_model
 from coarse2fine.recipes import hdcnn as pipeline
-from test_hdcnn_helpers import TinyBlock, write_fashion_mnist
+from helpers.hdcnn import TinyBlock, write_fashion_mnist
 
 
 def make_cfg(tmp_path: Path, *overrides: str) -> RunConfig:

@@ -11,7 +11,7 @@ from coarse2fine.config import HERBSConfig
 from coarse2fine.errors import DataError, ModelError
 from coarse2fine.herbs import build_herbs
 from coarse2fine.herbs.explain import class_activation, explain_image, explain_panels, load_image, stage_map
-from test_herbs import NUM_CLASSES, TinyCNN, TinyTokens
+from helpers.models import NUM_CLASSES, TinyCNN, TinyTokens
 
 CLASSES = [f"class{i}" for i in range(NUM_CLASSES)]
 

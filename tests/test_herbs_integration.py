@@ -15,12 +15,7 @@ from PIL import Image
 
 from coarse2fine.config import load_config
 from coarse2fine.errors import ModelError
-
-models = pytest.importorskip("coarse2fine.models")
-if not hasattr(models, "create_model"):
-    pytest.skip("coarse2fine.models.create_model is not available yet", allow_module_level=True)
-
-from test_models import tiny_swin  # noqa: E402
+from helpers.models import tiny_swin
 
 
 def _write_idx(path, array: np.ndarray) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from coarse2fine.models import (
     model_summary,
     reset_last_layer,
 )
+from helpers.models import tiny_swin
 
 PAPER = ["vgg11", "vgg11_lrn", "vgg13", "vgg16_c", "vgg16", "vgg19"]
 CONVS_PER_STAGE = {
@@ -211,12 +210,6 @@ def test_timm_sequence_composes_for_other_families(name: str, stages: int) -> No
     assert all(s.module in names for s in model.feature_info) and "." not in "".join(names)
     pre, rear = model.split(model.feature_info[-2].name)
     torch.testing.assert_close(rear(pre(x)), model(x))
-
-
-def tiny_swin(size: int, num_classes: int = 5, **kwargs: Any) -> nn.Module:
-    """A real timm Swin (one block per stage, width 24) for ``size`` px inputs; also used by the HERBS tests."""
-    return create_model("timm/swin_tiny_patch4_window7_224", num_classes, img_size=size, window_size=2,
-                        embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), **kwargs)
 
 
 def test_timm_swin_tokens_and_errors() -> None:

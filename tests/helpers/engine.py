@@ -1,6 +1,6 @@
 """Helpers for the engine tests (no tests here): a tiny separable problem, a tiny model, a loader that
 follows the loader contract, and a worker entry point for the subprocess tests
-(``python tests/test_engine_helpers.py --run-dir D ...``)."""
+(``python tests/helpers/engine.py --run-dir D ...``)."""
 
 from __future__ import annotations
 
