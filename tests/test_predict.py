@@ -14,9 +14,9 @@ import torch
 from coarse2fine.cli import main
 from coarse2fine.data import load_image
 from coarse2fine.engine.objective import logits_of
-from coarse2fine.errors import DataError
+from coarse2fine.errors import ConfigError, DataError
 from coarse2fine.models import register_model, unregister_model
-from coarse2fine.recipes import load_trained
+from coarse2fine.recipes import load_trained, outputs
 from coarse2fine.recipes.predict import PredictRequest, find_images, predict
 from helpers import CLASSES, image_tree, make_checkpoint, tiny_block, write_image
 
@@ -207,3 +207,11 @@ def test_predict_reads_a_safetensors_export(ckpts: dict[str, Path], tmp_path: Pa
     for ra, rb in zip(a, b):
         assert [c for c, _ in ra.top] == [c for c, _ in rb.top]
         assert [p for _, p in ra.top] == pytest.approx([p for _, p in rb.top], abs=1e-6)
+
+
+def test_an_unwritable_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)  # as for a read-only folder (not root)
+    with pytest.raises(ConfigError, match="is not writable"):
+        outputs.checked_output_file(tmp_path / "p.csv")
+    with pytest.raises(ConfigError, match="is not writable"):
+        outputs.checked_output_folder(tmp_path / "export")
