@@ -50,8 +50,8 @@ def _print_json(result: PredictResult) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if args.out and args.json:
-        raise ConfigError("--json prints to the screen; with --out use --format jsonl (or an .jsonl file name)")
+    if args.json and (args.out or args.format):
+        raise ConfigError("--json prints {path: top-k} to the screen; for rows use --format jsonl (or --out x.jsonl)")
     fmt = output_format(args.out, args.format) if (args.out or args.format) else None
     if args.out:
         checked_output_file(args.out)  # a wrong --out fails before any image is read
