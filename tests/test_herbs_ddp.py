@@ -23,7 +23,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from test_herbs import TinyCNN
+        from helpers.models import TinyCNN
 
         torch.manual_seed(0)
         model, objective = build_herbs(TinyCNN(), 5, HERBSConfig(fpn_size=8, lambda_dropped=0.0), input_size=16)

@@ -7,11 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from coarse2fine.cli import compress, demo, explain, hdcnn, hierarchy, models, predict, train
+from coarse2fine.cli import compress, demo, explain, export, hdcnn, hierarchy, models, predict, train
 from coarse2fine.cli import eval as eval_
 from coarse2fine.errors import C2FError
 
-VERBS = (train, eval_, predict, models, demo, hierarchy, compress, hdcnn, explain)
+VERBS = (train, eval_, predict, export, models, demo, hierarchy, compress, hdcnn, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:

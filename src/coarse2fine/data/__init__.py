@@ -18,7 +18,7 @@ from coarse2fine.data.base import (
 from coarse2fine.data.cifar import CIFAR10, CIFAR100, RestrictedUnpickler, safe_load_pickle
 from coarse2fine.data.cub import CUB200
 from coarse2fine.data.fashion_mnist import FashionMNIST
-from coarse2fine.data.folder import ImageFolderDataset
+from coarse2fine.data.folder import ImageFolderDataset, scan_images
 from coarse2fine.data.idx import read_idx, write_idx
 from coarse2fine.data.loader import FileLoader, InMemoryLoader, build_loader, shard_indices
 from coarse2fine.data.nabirds import NABirds
@@ -68,6 +68,7 @@ __all__ = [
     "load_image",
     "read_idx",
     "safe_load_pickle",
+    "scan_images",
     "shard_indices",
     "stratified_split",
     "subset",

@@ -43,7 +43,7 @@ def _class_names(folder: Path) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def _scan_class(folder: Path, extensions: tuple[str, ...]) -> tuple[list[str], int]:
+def scan_images(folder: Path, extensions: tuple[str, ...]) -> tuple[list[str], int]:
     """Image files under ``folder`` (recursive, sorted, following symlinks but visiting each real folder
     once) and how many other files were ignored."""
     files, ignored = [], 0
@@ -120,7 +120,7 @@ class ImageFolderDataset(ImageFileDataset):
         def listing() -> Iterator[str]:  # one class folder at a time, straight into the packed table
             for name in classes:
                 path = folder / on_disk.get(name, name)
-                files, ignored = _scan_class(path, extensions) if path.is_dir() else ([], 0)
+                files, ignored = scan_images(path, extensions) if path.is_dir() else ([], 0)
                 if not files and not allow_empty and folder == class_root:
                     other = (
                         f" ({ignored} file(s) without an image extension {', '.join(extensions)})" if ignored else ""

@@ -3,7 +3,14 @@ compression. The staged training and the report are recipes (``coarse2fine.recip
 
 from coarse2fine.hdcnn.compress import compress_hdcnn
 from coarse2fine.hdcnn.evaluation import PassResult, inference_pass, peak_memory_bytes, plot_tradeoff
-from coarse2fine.hdcnn.model import HDCNN, FineComponentNet, FineComponents, find_classifier, split_block
+from coarse2fine.hdcnn.model import (
+    HDCNN,
+    FineComponentNet,
+    FineComponents,
+    UnrolledHDCNN,
+    find_classifier,
+    split_block,
+)
 from coarse2fine.hdcnn.objective import HDCNNObjective
 
 __all__ = [
@@ -12,6 +19,7 @@ __all__ = [
     "FineComponents",
     "HDCNNObjective",
     "PassResult",
+    "UnrolledHDCNN",
     "compress_hdcnn",
     "find_classifier",
     "inference_pass",

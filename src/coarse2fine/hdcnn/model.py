@@ -477,6 +477,41 @@ class HDCNN(nn.Module):
         return f"branch_stage={self.branch_stage!r}, K={self.num_coarse}, |S_k|={sizes}, beta={self.beta}"
 
 
+class UnrolledHDCNN(nn.Module):
+    """An HD-CNN with every fine component run and probabilistic averaging (``beta=None``), built from
+    plain modules: each runnable F_k a standalone copy, no ``torch.func`` call. For tracers that cannot
+    follow ``functional_call`` (the ONNX exporter); conditional execution needs :class:`HDCNN` itself.
+
+    ``forward(x) -> (probs (B, C), coarse_probs (B, K))``, equal to ``HDCNN.forward(x, beta=None)``'s
+    ``"probs"`` and ``"coarse_probs"``.
+    """
+
+    def __init__(self, model: HDCNN) -> None:
+        super().__init__()
+        self.shared = copy.deepcopy(model.shared)
+        self.coarse = copy.deepcopy(model.coarse)
+        self.components = nn.ModuleList(model.fine.component(k) for k in model.runnable)
+        self.runnable = list(model.runnable)
+        self.sizes = [len(model.partial_sets[k]) for k in model.runnable]
+        single = torch.zeros(model.num_coarse, model.num_classes)
+        for k in model.singletons:
+            single[k, model.partial_sets[k][0]] = 1.0  # p_k = 1 on the set's one class
+        self.register_buffer("membership", model.membership.detach().clone())  # (C, K)
+        self.register_buffer("single", single.to(model.membership.device))  # (K, C)
+        self.register_buffer("expand", model.expand[model.run_index].detach().clone())  # (runnable, S_max, C)
+        self.eval()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.shared(x)
+        agg = F.softmax(self.coarse(h).float(), dim=-1) @ self.membership
+        coarse_probs = agg / agg.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        mixed = coarse_probs @ self.single
+        for i, (component, k, n) in enumerate(zip(self.components, self.runnable, self.sizes)):
+            local = F.softmax(component(h)[:, :n].float(), dim=-1)
+            mixed = mixed + coarse_probs[:, k : k + 1] * (local @ self.expand[i, :n])
+        return mixed / coarse_probs.sum(dim=-1, keepdim=True), coarse_probs
+
+
 class FineComponentNet(nn.Module):
     """Shared layers (frozen: no gradient, always eval mode) followed by one fine component.
 

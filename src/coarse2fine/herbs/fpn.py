@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,22 +41,42 @@ def to_tokens(feat: Tensor, layout: str, input_hw: tuple[int, int], reduction: i
                 f"expected a (B, C, H, W) stage output for token_layout 'nchw', got {tuple(feat.shape)}"
             )
         b, c, h, w = feat.shape
-        return feat.flatten(2).transpose(1, 2), (h, w)
+        return feat.flatten(2).transpose(1, 2), (int(h), int(w))  # int(): constants when traced (ONNX)
     if layout == "nlc":
         if feat.dim() == 4:  # (B, H, W, C) maps are also accepted
             b, h, w, c = feat.shape
-            return feat.reshape(b, h * w, c), (h, w)
+            return feat.reshape(b, h * w, c), (int(h), int(w))
         if feat.dim() != 3:
             raise ModelError(
                 f"expected a (B, N, C) stage output for token_layout 'nlc', got {tuple(feat.shape)}"
             )
-        n = feat.shape[1]
+        n = int(feat.shape[1])
         gh, gw = math.ceil(input_hw[0] / reduction), math.ceil(input_hw[1] / reduction)
         if gh * gw == n:
             return feat, (gh, gw)
         side = math.isqrt(n)
         return feat, ((side, side) if side * side == n else None)
     raise ModelError(f"unknown token_layout {layout!r}; expected 'nchw' or 'nlc'")
+
+
+def pooling_matrix(size: int, out: int) -> np.ndarray:
+    """``(size, out)``: column i averages the inputs ``[floor(i size / out), ceil((i + 1) size / out))``,
+    the windows of ``adaptive_avg_pool1d`` (numpy: a constant, not an operation, when traced)."""
+    m = np.zeros((size, out), dtype=np.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        m[start:end, i] = 1.0 / (end - start)
+    return m
+
+
+def _traced_pool(x: Tensor, grid: Grid, target: Grid, size: int) -> Tensor:
+    """Adaptive average pooling of ``x`` ``(B, F, N)`` as a matrix product: the same numbers, for the ONNX
+    exporter, which cannot pool to a size that does not divide the input."""
+    if grid is not None and target is not None:
+        m = np.kron(pooling_matrix(grid[0], target[0]), pooling_matrix(grid[1], target[1]))
+    else:
+        m = pooling_matrix(int(x.shape[-1]), size)
+    return x @ torch.from_numpy(m).to(x.dtype)
 
 
 def resize_tokens(tokens: Tensor, grid: Grid, size: int, target_grid: Grid, *, pool: bool) -> Tensor:
@@ -67,6 +89,8 @@ def resize_tokens(tokens: Tensor, grid: Grid, size: int, target_grid: Grid, *, p
         return tokens
     b, _, f = tokens.shape
     x = tokens.transpose(1, 2)
+    if pool and torch.jit.is_tracing():
+        return _traced_pool(x, grid, target_grid, size).transpose(1, 2)
     if grid is not None and target_grid is not None:
         x = x.reshape(b, f, *grid)
         if pool:
@@ -118,7 +142,7 @@ class FeatureFusion(nn.Module):
         )
 
     def forward(self, tokens: list[Tensor], grids: list[Grid]) -> tuple[list[Tensor], list[Tensor] | None]:
-        sizes = [t.shape[1] for t in tokens]
+        sizes = [int(t.shape[1]) for t in tokens]
         td = [p(t) for p, t in zip(self.proj, tokens)]
         if self.top_down:
             for i in range(len(td) - 2, -1, -1):  # stage i += upsample(stage i+1)

@@ -119,5 +119,5 @@ class Selector(nn.Module):
 
     def forward(self, feats: Sequence[Tensor], logits: Sequence[Tensor]) -> list[Selection]:
         """``feats[i]``: ``(B, N_i, F)``; ``logits[i]``: ``(B, N_i, C)`` of the same tokens."""
-        ks = self.counts([f.shape[1] for f in feats])
+        ks = self.counts([int(f.shape[1]) for f in feats])  # int(): constants when traced (ONNX export)
         return [self.select(f, lg, k) for f, lg, k in zip(feats, logits, ks)]

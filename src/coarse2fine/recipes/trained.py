@@ -1,5 +1,6 @@
 """``load_trained``: the one way to rebuild a model from any checkpoint this toolkit writes (plain,
-HERBS, HD-CNN, product-quantised), with what is needed to feed it images."""
+HERBS, HD-CNN, product-quantised) or from its safetensors export (``recipes.exported``), with what is
+needed to feed it images."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from coarse2fine.engine.evaluate import apply_threads
 from coarse2fine.errors import CheckpointError, ConfigError
 from coarse2fine.facts import RunFacts
 from coarse2fine.recipes.data import transforms_for
+from coarse2fine.recipes.exported import is_export, read_export
 from coarse2fine.recipes.models import build_model_and_objective
 
 # Options added after checkpoints were written: the value that rebuilds those checkpoints' models, used
@@ -65,11 +67,13 @@ def load_trained(
 ) -> Trained:
     """Rebuild the model of a training (or ``c2f compress``-ed) checkpoint and load its weights (``weights_only``).
 
+    ``path`` may also be a safetensors export (``c2f export --format safetensors``): its folder or its
+    ``.safetensors`` file; ``Trained.checkpoint`` is then the export as a checkpoint-like dict.
     ``classes``: when given, the checkpoint's class list must equal it (CheckpointError otherwise).
     ``overrides``: ``section.key=value`` settings applied to the stored config (e.g. ``data.root=...``).
     """
     path = Path(path)
-    ckpt = load_checkpoint(path)
+    ckpt = read_export(path) if is_export(path) else load_checkpoint(path)
     for key in ("config", "classes", "model"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r}: not a coarse2fine training checkpoint")
