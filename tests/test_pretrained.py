@@ -156,9 +156,9 @@ def test_timm_vgg_weights_map_onto_our_vgg(batch_norm: bool) -> None:
 
 
 def test_vgg_without_timm_weights_and_vgg_offline_are_clear_errors(hub: Path) -> None:
-    with pytest.raises(ModelError, match="model 'vgg_small_bn' has no pretrained weights.*timm/vgg16"):
+    with pytest.raises(ModelError, match=r"model .vgg_small_bn. has no pretrained weights.*timm/vgg16"):
         create_model("vgg_small_bn", num_classes=10, in_chans=1, pretrained=True)
-    with pytest.raises(ModelError, match="'timm/vgg11.tv_in1k' are not in the Hugging Face cache"):
+    with pytest.raises(ModelError, match=r"'timm/vgg11\.tv_in1k' are not in the Hugging Face cache"):
         create_model("vgg11", num_classes=10, pretrained=True)
 
 
