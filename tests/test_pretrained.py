@@ -25,6 +25,7 @@ from coarse2fine.data.idx import write_idx
 from coarse2fine.engine import load_checkpoint
 from coarse2fine.errors import ModelError
 from coarse2fine.models import VGG, create_model
+from coarse2fine.models.pretrained import timm_weights
 from coarse2fine.models.vgg import vgg_state_from_timm
 from coarse2fine.recipes import build_backbone, load_trained
 
@@ -226,3 +227,11 @@ def test_cli_reads_hf_home_and_hf_hub_offline_from_the_environment(fmnist: Path,
     assert res.returncode == 2, res.stderr
     assert f"error: the pretrained weights '{REPO}' are not in the Hugging Face cache" in res.stderr
     assert str(tmp_path / "empty_home" / "hub") in res.stderr and "HF_HUB_OFFLINE=1 is set" in res.stderr
+
+
+@pytest.mark.parametrize("recipe", ["herbs_cub.yaml", "herbs_nabirds.yaml"])
+def test_herbs_recipes_name_the_official_swin_l_22k_weights(recipe: str) -> None:
+    cfg = load_config(ROOT / "configs" / recipe)
+    assert cfg.model.pretrained == "swin_large_patch4_window12_384.ms_in22k"
+    name, hub_id = timm_weights(cfg.model.name.removeprefix("timm/"), cfg.model.pretrained)  # resolves, no download
+    assert (name, hub_id) == ("swin_large_patch4_window12_384.ms_in22k", "timm/swin_large_patch4_window12_384.ms_in22k")
