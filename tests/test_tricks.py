@@ -141,7 +141,9 @@ def test_mixup_and_cutmix_mix_images_and_targets(mixup: float, cutmix: float) ->
     np.random.seed(0)
     tf = TrainBatchTransform(4, mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.1)
     x, y = torch.randn(9, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 2])  # odd batch: last kept
-    mixed, soft = tf(x.clone(), y)
+    original = x.clone()
+    mixed, soft = tf(x, y)
+    assert torch.equal(x, original)  # the loader's batch is left alone
     assert soft.shape == (9, 4) and torch.allclose(soft.sum(1), torch.ones(9))
     assert not torch.allclose(mixed[:8], x[:8]) and torch.equal(mixed[8], x[8])
     assert torch.allclose(soft[8], torch.tensor([0.025, 0.025, 0.925, 0.025]))  # smoothed label of the last

@@ -165,9 +165,10 @@ class TrainBatchTransform:
         label_smoothing: float = 0.0,
     ) -> None:
         from timm.data import Mixup
+        from timm.data.mixup import mixup_target
         from timm.data.random_erasing import RandomErasing
 
-        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.num_classes, self.label_smoothing, self._target = num_classes, label_smoothing, mixup_target
         self.erase = RandomErasing(random_erase, mode="pixel", device="cpu") if random_erase > 0 else None
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -185,20 +186,18 @@ class TrainBatchTransform:
         return self.mixup is not None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.clone()  # timm works in place: never on a tensor the loader may still hold
         if self.erase is not None:
             self.erase.device = images.device
             images = self.erase(images)
         if self.mixup is None:
             return images, targets
-        from timm.data.mixup import mixup_target
-
         even = len(images) - len(images) % 2
         if even == 0:
-            return images, mixup_target(targets, self.num_classes, 1.0, self.label_smoothing)
+            return images, self._target(targets, self.num_classes, 1.0, self.label_smoothing)
         _, soft = self.mixup(images[:even], targets[:even])  # in place on the first ``even`` images
         if even < len(images):
-            rest = mixup_target(targets[even:], self.num_classes, 1.0, self.label_smoothing)
-            soft = torch.cat([soft, rest])
+            soft = torch.cat([soft, self._target(targets[even:], self.num_classes, 1.0, self.label_smoothing)])
         return images, soft
 
     def __repr__(self) -> str:
