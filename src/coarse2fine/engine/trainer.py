@@ -71,6 +71,7 @@ from coarse2fine.errors import C2FError, ConfigError
 
 log = logging.getLogger(__name__)
 
+
 class TrainingInterrupted(C2FError):
     """SIGINT/SIGTERM stopped training after a clean checkpoint; the message says how to resume."""
 
