@@ -87,7 +87,7 @@ def test_a_value_outside_a_literal_names_the_key_and_the_choices(
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"{key}=bogus"])
     assert str(err.value) == expected
-    needs = {("data.label", "coarse"): ["data.name=cifar100"]}
+    needs = {("data.label", "coarse"): ["data.name=cifar100"], ("train.best_on", "ema"): ["train.ema_decay=0.999"]}
     for choice in choices:  # every choice loads (YAML 1.1 reads `off` as false: still the string "off")
         cfg = load_config(None, [f"{key}={choice}", *needs.get((key, choice), [])])
         section, _, name = key.rpartition(".")
@@ -172,6 +172,13 @@ def test_every_declared_range_is_checked_at_load(key: str, bounds: Range) -> Non
         (["eval.scales=[]"], r"eval\.scales: give at least one test scale Q"),
         (["herbs.num_selects=[2.5]"], r"herbs\.num_selects\[0\]: 2\.5 is neither a token count"),
         (["herbs.use_bottom_up=false"], r"herbs\.use_refinement: needs herbs\.use_bottom_up"),
+        (["train.best_on=ema"], r"^train\.best_on: 'ema' needs train\.ema_decay"),
+        (["method=herbs", "data.cutmix_alpha=1"], r"^data\.mixup_alpha: .*method 'herbs' trains on hard labels"),
+        (["method=hdcnn", "data.mixup_alpha=0.2"], r"^data\.mixup_alpha: .*method 'hdcnn' trains on hard labels"),
+        (["model.pretrained=true", "model.pretrained_file=w.pt"], r"^model\.pretrained: give model\.pretrained or"),
+        (["model.pretrained=a1_in1k", "model.init_from=a.pt"], r"^model\.pretrained: .*not both"),
+        (["model.pretrained=' '"], r"^model\.pretrained: give true, false, a timm tag"),
+        (["model.pretrained=3"], r"^model\.pretrained: expected bool \| str, got 3"),
     ],
 )
 def test_impossible_combinations_name_the_key(overrides: list[str], message: str) -> None:
@@ -185,6 +192,13 @@ def test_possible_combinations_load() -> None:
     assert load_config(None, ["herbs.use_bottom_up=false", "herbs.use_refinement=false"]).herbs.use_bottom_up is False
     assert load_config(None, ["herbs.use_bottom_up=false", "herbs.basic=refine"]).herbs.basic == "refine"
     assert load_config(None, ["herbs.num_selects=[64, 0.25, 3.0]"]).herbs.num_selects == [64, 0.25, 3]
+    assert load_config(None, ["data.mixup_alpha=0.2", "data.cutmix_alpha=1"]).data.mixing
+    assert load_config(None, ["method=herbs", "data.random_erase=0.25", "data.auto_augment=rand"]).data.random_erase
+    ema = load_config(None, ["train.ema_decay=0.999", "train.best_on=ema"]).train
+    assert (ema.ema_decay, ema.best_on, ema.ema_warmup) == (0.999, "ema", False)
+    for value, expected in (("true", True), ("false", False), ("hf-hub:timm/resnet18.a1_in1k", None)):
+        pretrained = load_config(None, [f"model.pretrained={value}"]).model.pretrained
+        assert pretrained == (value if expected is None else expected)
 
 
 def test_a_config_built_in_python_is_checked_by_validate() -> None:
@@ -247,6 +261,7 @@ def test_lower_layers_know_the_same_choices() -> None:
     from coarse2fine import config as C
     from coarse2fine.data.base import BAD_IMAGE_POLICIES
     from coarse2fine.data.registry import DATASETS
+    from coarse2fine.data.transforms import AUTO_AUGMENTS
     from coarse2fine.engine.protocols import PROTOCOLS
     from coarse2fine.hdcnn.model import FINE_EXEC
     from coarse2fine.herbs.combiner import POOLS
@@ -267,6 +282,7 @@ def test_lower_layers_know_the_same_choices() -> None:
         (C.Clustering, CLUSTERINGS),
         (C.Init, INITS),
         (C.Method, METHODS),
+        (C.AutoAugment, AUTO_AUGMENTS),
     ]
     for literal, known in pairs:
         assert set(typing.get_args(literal)) == set(known), literal

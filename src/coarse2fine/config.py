@@ -48,6 +48,8 @@ FineExec = Literal["auto", "vmap", "loop"]
 RankBy = Literal["official", "paper"]
 BasicVariant = Literal["bs", "refine"]
 CombinerPool = Literal["linear", "attention"]
+AutoAugment = Literal["rand", "trivial"]
+BestOn = Literal["model", "ema"]
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
@@ -126,6 +128,19 @@ class DataConfig:
     bad_images: BadImages = "error"  # file datasets: an unreadable image stops the run, or is skipped
     limit_train: int | None = setting(None, ge=1)  # use only this many training images (quick runs)
     limit_test: int | None = setting(None, ge=1)
+    # augmentation (timm/torchvision)
+    auto_augment: AutoAugment | None = None  # torchvision v2 RandAugment | TrivialAugmentWide; None: off
+    auto_augment_magnitude: int = setting(9, ge=0, le=30)  # RandAugment magnitude (bin of 31)
+    random_erase: float = setting(0.0, ge=0, le=1)  # timm RandomErasing probability per image (normalised batch)
+    mixup_alpha: float = setting(0.0, ge=0)  # timm Mixup: Beta(alpha, alpha) mixing; 0: off
+    cutmix_alpha: float = setting(0.0, ge=0)  # timm CutMix: Beta(alpha, alpha) box area; 0: off
+    mix_prob: float = setting(1.0, ge=0, le=1)  # probability that a batch is mixed (mixup or cutmix)
+    mix_switch_prob: float = setting(0.5, ge=0, le=1)  # both on: probability of cutmix instead of mixup
+
+    @property
+    def mixing(self) -> bool:
+        """Mixup or CutMix is on (the targets become soft)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.train_scale is not None:
@@ -147,8 +162,19 @@ class ModelConfig:
     name: str = "vgg_small_bn"  # a registered model or timm/<name>
     kwargs: dict[str, Any] = field(default_factory=dict)
     init: Init | None = None  # METHODS.md §1 "Initialisation"; None: the model's default
+    # true: the timm model's default pretrained weights (Hugging Face hub, its cache); a string picks others:
+    # a timm tag ("resnet18.a1_in1k" or "a1_in1k") or a hub id ("hf-hub:timm/resnet18.a1_in1k")
+    pretrained: bool | str = False
     pretrained_file: str | None = None  # local weights (safetensors or torch state dict)
     init_from: str | None = None  # VGG: initialise from a trained shallower VGG checkpoint
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        if isinstance(self.pretrained, str) and not self.pretrained.strip():
+            yield "pretrained", "give true, false, a timm tag (resnet18.a1_in1k) or a hub id (hf-hub:timm/<name>)"
+        if self.pretrained is not False and self.pretrained_file:
+            yield "pretrained", "give model.pretrained or model.pretrained_file, not both"
+        if self.pretrained is not False and self.init_from:
+            yield "pretrained", "give model.pretrained or model.init_from, not both"
 
 
 @dataclass
@@ -189,6 +215,13 @@ class TrainConfig:
     threads: int | None = setting(None, ge=1)  # torch.set_num_threads; None: leave as is
     keep_checkpoints: int = setting(3, ge=0)  # per-epoch checkpoints/epoch_XXX.pt kept besides last.pt, best.pt
     find_unused_parameters: bool = False  # DDP: for models whose forward skips some parameters
+    ema_decay: float | None = setting(None, gt=0, lt=1)  # EMA of the weights (timm ModelEmaV3); None: off
+    ema_warmup: bool = False  # EMA decay ramps up over the first steps (timm's warm-up)
+    best_on: BestOn = "model"  # which weights best.pt holds (chosen on their validation top-1): model | ema
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        if self.best_on == "ema" and self.ema_decay is None:
+            yield "best_on", "'ema' needs train.ema_decay (e.g. 0.9998); set it, or best_on model"
 
 
 @dataclass
@@ -289,6 +322,14 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        if self.data.mixing and self.method != "plain":
+            keys = "data.mixup_alpha / data.cutmix_alpha"
+            yield "data.mixup_alpha", (
+                f"{keys} mix labels into soft targets, but method {self.method!r} trains on hard labels; "
+                "set both to 0, or use method plain"
+            )
 
 
 # Keys that configs stored in older checkpoints may hold but no code reads any more: ``config_from_dict``

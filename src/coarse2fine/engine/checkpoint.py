@@ -5,6 +5,8 @@ Layout of a training checkpoint (every value loadable with ``weights_only=True``
     {"model", "optimizer", "scheduler", "scaler", "epoch" (completed epochs), "global_step",
      "best_metric", "best_epoch", "history", "rng", "config", "classes", "metadata", "world_size"}
 
+plus ``"ema"`` (the EMA weights) when ``train.ema_decay`` is set.
+
 A save goes to a temporary file in the same directory, is flushed and fsynced, then renamed over the
 target with ``os.replace``: a crash or a full disk during a save leaves the previous file intact.
 """

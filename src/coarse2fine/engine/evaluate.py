@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from coarse2fine.engine import distributed as du
 from coarse2fine.engine.checkpoint import atomic_write, atomic_write_json
 from coarse2fine.engine.objective import Objective, heads_of, logits_of
+from coarse2fine.engine.progress import progress as progress_of
 from coarse2fine.errors import ConfigError
 
 
@@ -124,8 +124,9 @@ def to_device(images: Tensor, targets: Tensor, device: torch.device, channels_la
 
 
 def _batches(loader: Iterable[Any], progress: bool, desc: str) -> Iterable[Any]:
+    """``loader`` with a progress bar (a terminal) or plain progress lines (a log), on rank 0."""
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    return tqdm(loader, total=total, desc=desc, disable=not progress or not du.is_main_process(), leave=False)
+    return progress_of(loader, total=total, desc=desc, enabled=progress and du.is_main_process(), every_pct=20)
 
 
 @torch.inference_mode()

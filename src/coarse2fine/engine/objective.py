@@ -36,12 +36,25 @@ class Objective(nn.Module):
 
 
 class CrossEntropyObjective(Objective):
-    """Cross-entropy on the model's logits, with optional label smoothing."""
+    """Cross-entropy on the model's logits, with optional label smoothing.
+
+    Soft targets ``(B, C)`` (Mixup/CutMix, ``FitSetup.batch_transform``) use timm's ``SoftTargetCrossEntropy``;
+    they carry their own smoothing, so ``label_smoothing`` applies to hard labels only.
+    """
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.soft: nn.Module | None = None  # timm's SoftTargetCrossEntropy, made on the first soft batch
 
     def forward(self, outputs: Outputs, targets: Tensor) -> dict[str, Tensor]:
-        loss = F.cross_entropy(logits_of(outputs).float(), targets, label_smoothing=self.label_smoothing)
+        logits = logits_of(outputs).float()
+        if targets.ndim == 2:
+            if self.soft is None:
+                from timm.loss import SoftTargetCrossEntropy  # timm is slow to import: only when mixing
+
+                self.soft = SoftTargetCrossEntropy()
+            loss = self.soft(logits, targets.float())
+        else:
+            loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         return {"loss": loss, "ce": loss.detach()}

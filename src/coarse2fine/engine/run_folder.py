@@ -125,13 +125,18 @@ class RunFolder:
         if du.is_main_process():
             save_checkpoint(state, self.last)
 
-    def save_epoch(self, state: Mapping[str, Any], epoch: int, is_best: bool, keep: int) -> None:
-        """``last.pt``, ``epoch_XXX.pt`` (the last ``keep`` of them) and, if ``is_best``, ``best.pt`` (rank 0)."""
+    def save_epoch(
+        self, state: Mapping[str, Any], epoch: int, is_best: bool, keep: int, best: Mapping[str, Any] | None = None
+    ) -> None:
+        """``last.pt``, ``epoch_XXX.pt`` (the last ``keep`` of them) and, if ``is_best``, ``best.pt`` (rank 0):
+        a copy of ``last.pt``, or ``best`` when given (e.g. the EMA weights as its model)."""
         if not du.is_main_process():
             return
         save_checkpoint(state, self.last)
         atomic_copy(self.last, self.epoch_checkpoint(epoch))
-        if is_best:
+        if is_best and best is not None:
+            save_checkpoint(best, self.best)
+        elif is_best:
             atomic_copy(self.last, self.best)
         self._prune(keep)
 

@@ -15,20 +15,31 @@ Faults:
   checkpoints of the last good epoch untouched; ``"skip"`` drops that batch (counted in
   ``skipped_steps``).
 - Resume: ``RunFolder(resume=True)`` restores model, optimizer, scheduler, scaler, RNG, epoch and history
-  from ``last.pt``. Every epoch reseeds torch/numpy/random from ``(seed, epoch, rank)``, so on the CPU in
-  deterministic mode the resumed run ends with the same weights as an uninterrupted one.
+  (and the EMA weights) from ``last.pt``. Every epoch reseeds torch/numpy/random from ``(seed, epoch, rank)``,
+  so on the CPU in deterministic mode the resumed run ends with the same weights as an uninterrupted one.
+
+Options of any run (no method knows of them):
+- ``FitSetup.batch_transform(images, targets) -> (images, targets)``: applied to every training batch on the
+  device (random erasing, Mixup/CutMix: ``data.TrainBatchTransform``); targets may come back soft
+  ``(B, C)``, which the objective must take (``CrossEntropyObjective`` does) and the training accuracy
+  counts by their argmax.
+- ``train.ema_decay``: an EMA of the weights (timm ``ModelEmaV3``), updated after every optimizer step,
+  validated every epoch (``val_ema_top1``, ``val_ema_top5``) and saved under ``"ema"`` in every checkpoint;
+  ``train.best_on="ema"`` chooses ``best.pt`` on the EMA's validation top-1 and stores the EMA weights as
+  its ``"model"`` (so ``load_trained`` gives the EMA model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -37,9 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from coarse2fine.config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, to_dict, validate
+from coarse2fine.data.transforms import train_batch_transform
 from coarse2fine.engine import distributed as du
 from coarse2fine.engine.callbacks import Callback, default_callbacks
 from coarse2fine.engine.checkpoint import plain_data, rng_state, set_rng_state
@@ -54,8 +65,11 @@ from coarse2fine.engine.evaluate import (
 )
 from coarse2fine.engine.objective import Objective, logits_of
 from coarse2fine.engine.optim import Scheduler, build_optimizer, build_scheduler
+from coarse2fine.engine.progress import progress
 from coarse2fine.engine.run_folder import FitState, RunFolder
 from coarse2fine.errors import C2FError, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(C2FError):
@@ -86,6 +100,8 @@ class FitSetup:
     param_groups: Iterable[Any] | None = None  # optimizer groups; None: all of the model's parameters
     desc: str = "train"  # progress-bar label
     progress: bool = True
+    # applied to every training batch on the device: (images, targets) -> (images, targets), soft targets allowed
+    batch_transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     @classmethod
     def from_run_config(
@@ -98,10 +114,12 @@ class FitSetup:
         desc: str = "train",
         progress: bool = True,
     ) -> FitSetup:
-        """The settings, seed and resolved config of ``cfg``."""
+        """The settings, seed and resolved config of ``cfg``; the batch transform of its ``data`` settings
+        (``random_erase``, ``mixup_alpha``, ``cutmix_alpha``: ``data.train_batch_transform``)."""
+        batch_transform = train_batch_transform(cfg.data, len(classes), cfg.train.label_smoothing)
         return cls(
             cfg.train, cfg.optim, cfg.schedule, list(classes), cfg.seed, to_dict(cfg), dict(metadata or {}),
-            param_groups, desc, progress,
+            param_groups, desc, progress, batch_transform,
         )  # fmt: skip
 
 
@@ -182,6 +200,7 @@ class Training:
     dtype: torch.dtype | None
     stop: _StopRequest
     callbacks: Sequence[Callback]
+    ema: Any = None  # timm ModelEmaV3 (train.ema_decay), or None
     state: FitState = field(default_factory=FitState)
 
 
@@ -200,19 +219,15 @@ def train_one_epoch(t: Training, loader: Any, epoch: int) -> EpochOut:
     t.model.train()
     n = len(loader)
     meter = _EpochMeter(t.device)
-    bar = tqdm(
-        loader,
-        total=n,
-        desc=f"{t.setup.desc} {epoch + 1}/{cfg.epochs}",
-        disable=not t.setup.progress or not du.is_main_process(),
-        leave=False,
-        dynamic_ncols=True,
-    )
+    enabled = t.setup.progress and du.is_main_process()
+    bar = progress(loader, total=n, desc=f"{t.setup.desc} {epoch + 1}/{cfg.epochs}", enabled=enabled)
     in_window = 0  # batches backpropagated in the current accumulation window
     stopped = False
     t.optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(bar):
         images, targets = to_device(images, targets, t.device, cfg.channels_last)
+        if t.setup.batch_transform is not None:
+            images, targets = t.setup.batch_transform(images, targets)
         window_end = (i + 1) % cfg.accumulate == 0 or i + 1 == n
         with _grad_sync(t.model, window_end):
             with autocast(t.device, t.dtype):
@@ -235,7 +250,7 @@ def train_one_epoch(t: Training, loader: Any, epoch: int) -> EpochOut:
             else:
                 t.optimizer.zero_grad(set_to_none=True)  # the whole window was skipped
             in_window = 0
-        if not bar.disable and (i % 10 == 0 or i + 1 == n):
+        if bar.due(i):
             bar.set_postfix(meter.postfix(loss))
         if stop and i + 1 < n:
             stopped = True  # a stop on the last batch lets the epoch complete (and be checkpointed)
@@ -262,14 +277,15 @@ class _EpochMeter:
             v = v.detach().float()
             if v.ndim == 0:
                 self.sums[k] = self.sums.get(k, torch.zeros((), device=self.device)) + v * bs
-        self.correct += (logits_of(outputs).detach().argmax(1) == targets).sum()
+        hard = targets.argmax(1) if targets.ndim == 2 else targets  # soft (mixed) targets: their main class
+        self.correct += (logits_of(outputs).detach().argmax(1) == hard).sum()
 
     def postfix(self, loss: Tensor) -> dict[str, str]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {
             "loss": f"{float(loss.detach()):.4f}",
             "acc": f"{int(self.correct) / max(self.seen, 1):.3f}",
-            "img_s": f"{self.seen / elapsed:.0f}",
+            "img/s": f"{self.seen / elapsed:.0f}",
         }
 
     def record(self) -> dict[str, Any]:
@@ -334,6 +350,8 @@ def _optimizer_step(t: Training, average: bool) -> None:
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step_update()
     t.state.global_step += 1
+    if t.ema is not None:
+        t.ema.update(du.unwrap(t.model), step=t.state.global_step)  # the first update copies the weights
 
 
 def _log_step(t: Training, loss: Tensor) -> None:
@@ -379,7 +397,8 @@ def fit(
         steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
         scheduler = build_scheduler(optimizer, setup.schedule, steps_per_epoch, cfg.epochs)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        t = Training(model, objective, optimizer, scheduler, scaler, setup, run, device, dtype, stop, callbacks)
+        ema = _ema_of(model, cfg)
+        t = Training(model, objective, optimizer, scheduler, scaler, setup, run, device, dtype, stop, callbacks, ema)
         _start(t)
 
         with _hooks(callbacks, t.state):
@@ -389,20 +408,14 @@ def fit(
                 out = train_one_epoch(t, train_loader, epoch)
                 if out.stopped:
                     raise _interrupted(t, epoch + 1)
-                val = evaluate(
-                    t.model,
-                    val_loader,
-                    num_classes=len(setup.classes),
-                    device=device,
-                    amp=cfg.amp,
-                    channels_last=cfg.channels_last,
-                    progress=setup.progress,
-                    desc=f"{setup.desc} val",
-                )
+                val = _validate(t, t.model, val_loader, "val")
+                ema_val = _validate(t, t.ema.module, val_loader, "val ema") if t.ema is not None else None
                 scheduler.step_epoch(val.top1)
-                record = _epoch_record(epoch, lr, out.record, val, t0)
-                is_best = t.state.end_epoch(record, val.top1)
-                run.save_epoch(_checkpoint(t), epoch + 1, is_best, cfg.keep_checkpoints)
+                record = _epoch_record(epoch, lr, out.record, val, ema_val, t0)
+                on_ema = ema_val is not None and cfg.best_on == "ema"
+                is_best = t.state.end_epoch(record, ema_val.top1 if on_ema else val.top1)  # type: ignore[union-attr]
+                best = _checkpoint(t, weights="ema") if is_best and on_ema else None  # best.pt: the EMA weights
+                run.save_epoch(_checkpoint(t), epoch + 1, is_best, cfg.keep_checkpoints, best=best)
                 for cb in callbacks:
                     cb.on_epoch_end(epoch + 1, record)
                 du.barrier()
@@ -410,6 +423,29 @@ def fit(
                 if asked and epoch + 1 < cfg.epochs:  # a signal during validation or saving
                     raise _interrupted(t, epoch + 2)
     return FitResult(t.state.best_epoch, t.state.best_metric, t.state.history, run)
+
+
+def _ema_of(model: nn.Module, cfg: TrainConfig) -> Any:
+    """timm's ``ModelEmaV3`` of ``model`` (on its device) when ``train.ema_decay`` is set, else None."""
+    if cfg.ema_decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+
+
+def _validate(t: Training, model: nn.Module, loader: Any, label: str) -> EvalResult:
+    cfg = t.setup.train
+    return evaluate(
+        model,
+        loader,
+        num_classes=len(t.setup.classes),
+        device=t.device,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last,
+        progress=t.setup.progress,
+        desc=f"{t.setup.desc} {label}",
+    )
 
 
 @contextlib.contextmanager
@@ -439,12 +475,23 @@ def _start(t: Training) -> None:
         t.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         t.state = FitState.from_checkpoint(ckpt)
+        if t.ema is not None:
+            _restore_ema(t, ckpt)
     else:
         t.run.save_last(_checkpoint(t))
     du.barrier()
     cfg = t.setup.train
     net: nn.Module = torch.compile(t.model) if cfg.compile else t.model
     t.model = du.wrap_ddp(net, t.device, find_unused_parameters=cfg.find_unused_parameters)
+
+
+def _restore_ema(t: Training, ckpt: Mapping[str, Any]) -> None:
+    """The EMA weights of ``ckpt``; a checkpoint of a run without EMA starts it from the restored model."""
+    if "ema" in ckpt:
+        t.ema.module.load_state_dict(ckpt["ema"])
+    else:
+        log.warning("%s has no EMA weights (train.ema_decay was off): the EMA starts from its model", t.run.last)
+        t.ema.module.load_state_dict(du.unwrap(t.model).state_dict())
 
 
 @contextlib.contextmanager
@@ -471,19 +518,25 @@ def _begin_epoch(t: Training, epoch: int, loaders: Sequence[Any]) -> None:
             loader.set_epoch(epoch)
 
 
-def _epoch_record(epoch: int, lr: float, train: Mapping[str, Any], val: EvalResult, t0: float) -> dict[str, Any]:
-    """One row of metrics.csv."""
+def _epoch_record(
+    epoch: int, lr: float, train: Mapping[str, Any], val: EvalResult, ema: EvalResult | None, t0: float
+) -> dict[str, Any]:
+    """One row of metrics.csv (``val_ema_*``: the EMA weights' validation, when ``train.ema_decay`` is set)."""
     record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train, "val_top1": val.top1, "val_top5": val.top5}
     record.update({f"val_{h}_top1": v for h, v in val.heads.items()})
+    if ema is not None:
+        record.update({"val_ema_top1": ema.top1, "val_ema_top5": ema.top5})
     record["seconds"] = time.perf_counter() - t0
     return record
 
 
-def _checkpoint(t: Training) -> dict[str, Any]:
-    """A training checkpoint (layout: ``engine.checkpoint``)."""
+def _checkpoint(t: Training, weights: str = "model") -> dict[str, Any]:
+    """A training checkpoint (layout: ``engine.checkpoint``); ``weights="ema"``: the EMA weights as ``"model"``."""
     s = t.state
+    ema = {"ema": t.ema.module.state_dict()} if t.ema is not None else {}
     return {
-        "model": du.unwrap(t.model).state_dict(),
+        "model": ema["ema"] if weights == "ema" else du.unwrap(t.model).state_dict(),
+        **ema,
         "optimizer": t.optimizer.state_dict(),
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict(),

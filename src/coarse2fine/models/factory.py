@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from coarse2fine.errors import ModelError
 from coarse2fine.models.base import Backbone
 from coarse2fine.models.nin import NIN
+from coarse2fine.models.pretrained import load_vgg_pretrained
 from coarse2fine.models.timm_backbone import PREFIX, create_timm
 from coarse2fine.models.vgg import VGG_MODELS
 
@@ -39,25 +40,32 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> Backbone:
+def create_model(
+    name: str, num_classes: int = 1000, in_chans: int = 3, pretrained: bool | str = False, **kwargs: Any
+) -> Backbone:
     """Build model ``name`` (``vgg16``, ``vgg_small_bn``, ``nin``, ``timm/resnet18``, ...).
 
     ``kwargs`` go to the constructor (VGG/NIN: ``input_size``, ``init``, ``dropout``, ...; timm:
-    e.g. ``img_size``). ``init=None`` keeps the model's default.
+    e.g. ``img_size``). ``init=None`` keeps the model's default. ``pretrained``: ``model.pretrained``
+    (``models.pretrained``: timm's weights through the Hugging Face hub cache; our VGG A/B/D/E map timm's).
     """
     if kwargs.get("init", "x") is None:
         kwargs.pop("init")
     if name.startswith(PREFIX):
         kwargs.pop("init", None)
+        kwargs["pretrained"] = pretrained
         return create_timm(name[len(PREFIX):], num_classes=num_classes, in_chans=in_chans, **kwargs)
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
         hint = f"close matches: {', '.join(close)}" if close else f"valid: {', '.join(list_models())}"
         raise ModelError(f"unknown model {name!r}; {hint} (or timm/<name> for any timm model)")
     try:
-        return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+        model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as exc:
         raise ModelError(f"model {name!r}: bad keyword argument(s) {sorted(kwargs)}: {exc}") from exc
+    if pretrained:
+        load_vgg_pretrained(model, name, pretrained)  # type: ignore[arg-type]
+    return model
 
 
 def model_summary(

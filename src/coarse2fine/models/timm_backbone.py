@@ -1,4 +1,5 @@
-"""Any timm model as a Backbone: ``create_model("timm/resnet18")`` (never downloads weights).
+"""Any timm model as a Backbone: ``create_model("timm/resnet18")``; weights only with ``pretrained``
+(``models.pretrained``: through timm and the Hugging Face hub cache).
 
 Stages come from timm's ``feature_info``; ``forward_stages`` uses ``forward_intermediates``
 (transformers' maps are returned as tokens (B, N, C), ``token_layout="nlc"``). ``sequence()``
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from coarse2fine.errors import ModelError
 from coarse2fine.models.base import Backbone, StageInfo
+from coarse2fine.models.pretrained import create_pretrained_timm
 
 PREFIX = "timm/"
 
@@ -52,15 +54,23 @@ class TimmHead(nn.Module):
 
 
 class TimmBackbone(Backbone):
-    """A timm model (``pretrained=False``) under the Backbone contract."""
+    """A timm model under the Backbone contract; ``pretrained`` (``model.pretrained``) names its weights
+    (``models.pretrained``: timm re-creates the head for ``num_classes`` and adapts ``in_chans``)."""
 
-    def __init__(self, name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> None:
+    def __init__(
+        self, name: str, num_classes: int = 1000, in_chans: int = 3, pretrained: bool | str = False, **kwargs: Any
+    ) -> None:
         super().__init__()
         import timm
 
-        kwargs.pop("pretrained", None)
+        shape = {"num_classes": num_classes, "in_chans": in_chans}
         try:
-            self.model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+            if pretrained:
+                self.model = create_pretrained_timm(name, pretrained, **shape, **kwargs)
+            else:
+                self.model = timm.create_model(name, pretrained=False, **shape, **kwargs)
+        except ModelError:
+            raise
         except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
             raise ModelError(f"timm model {name!r} could not be created with {kwargs}: {exc}") from exc
         self.timm_name = name
@@ -204,14 +214,16 @@ class TimmBackbone(Backbone):
         return [*body, ("head", TimmHead(self.model, head_names))]
 
 
-def create_timm(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> TimmBackbone:
+def create_timm(
+    name: str, num_classes: int = 1000, in_chans: int = 3, pretrained: bool | str = False, **kwargs: Any
+) -> TimmBackbone:
     """``timm/<name>`` from the factory."""
     import timm
 
-    if not timm.is_model(name):
+    if not timm.is_model(name):  # also accepts <name>.<tag>
         import difflib
 
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         hint = ", ".join(PREFIX + c for c in close) or "none"
         raise ModelError(f"unknown timm model {name!r}; close matches: {hint}")
-    return TimmBackbone(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return TimmBackbone(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)

@@ -378,3 +378,55 @@ VGG_MODELS = {
     "vgg16_small_bn": _small(_SMALL16, 512, True, [True, True, True, True, False]),
 }
 
+
+
+# ---- timm's (torchvision's) ImageNet weights -----------------------------------------------------
+
+
+def _timm_layers(sd: Mapping[str, Tensor]) -> list[tuple[str, int]]:
+    """("conv" | "bn", index) of timm VGG's ``features.<index>`` layers, in network order."""
+    indices = sorted({int(k.split(".")[1]) for k in sd if k.startswith("features.") and k.endswith(".weight")})
+    return [("bn" if f"features.{i}.running_mean" in sd else "conv", i) for i in indices]
+
+
+@torch.no_grad()
+def vgg_state_from_timm(model: VGG, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
+    """``model``'s state from a timm VGG state dict (``features.N``, ``pre_logits.fc1/fc2``, ``head.fc``).
+
+    Convolutions (and BatchNorms) map in network order; a first convolution for other input channels is
+    adapted as timm does (``adapt_input_conv``). The FC layers are timm's 7x7 / 1x1 convolutions reshaped;
+    from the first whose shape differs (a head sized for another input than 224, other hidden widths, another
+    class count) on, they keep their initialisation and are listed under ``skipped``. Returns (state,
+    {"loaded", "skipped"}).
+    """
+    from timm.models import adapt_input_conv
+
+    target = model.state_dict()
+    ours = _conv_names(target)
+    theirs = [i for kind, i in _timm_layers(sd) if kind == "conv"]
+    if len(ours) != len(theirs):
+        raise ModelError(f"pretrained VGG weights have {len(theirs)} convolutions, the model {len(ours)}")
+    pairs: dict[str, Tensor] = {}
+    bns = {i for kind, i in _timm_layers(sd) if kind == "bn"}
+    for name, i in zip(ours, theirs):
+        pairs[f"{name}.weight"], pairs[f"{name}.bias"] = sd[f"features.{i}.weight"], sd[f"features.{i}.bias"]
+        bn = name.replace(".conv", ".bn")
+        if (i + 1 in bns) != (f"{bn}.weight" in target):
+            raise ModelError("pretrained VGG weights and the model differ in BatchNorm (_bn weights for _bn models)")
+        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked") if i + 1 in bns else ():
+            pairs[f"{bn}.{p}"] = sd[f"features.{i + 1}.{p}"]
+    first = f"{ours[0]}.weight"
+    pairs[first] = adapt_input_conv(model.in_chans, pairs[first].float()).to(pairs[first].dtype)
+    bad = sorted(k for k, v in pairs.items() if tuple(v.shape) != tuple(target[k].shape))
+    if bad:
+        raise ModelError(f"pretrained VGG weights do not fit the model's convolutions: {', '.join(bad[:3])}")
+    skipped: list[str] = []
+    fcs = [f"head.fc{i}" for i in range(1, len(model.head.fcs) + 1)]
+    for ours_fc, theirs_fc in zip(fcs, ("pre_logits.fc1", "pre_logits.fc2", "head.fc")):
+        weight = sd[f"{theirs_fc}.weight"].flatten(1)  # timm's (out, c, h, w) -> (out, c*h*w)
+        if skipped or tuple(weight.shape) != tuple(target[f"{ours_fc}.weight"].shape):
+            skipped.append(ours_fc)  # this and every later FC layer keep their initialisation
+            continue
+        pairs[f"{ours_fc}.weight"], pairs[f"{ours_fc}.bias"] = weight, sd[f"{theirs_fc}.bias"]
+    skipped += fcs[3:]
+    return pairs, {"loaded": sorted(pairs), "skipped": skipped}

@@ -77,6 +77,8 @@ def transforms_for(cfg: RunConfig, stats: dict[str, Any], image_size: int, in_me
         pad=d.pad,
         flip=d.flip,
         color_shift=d.color_shift,
+        auto_augment=d.auto_augment,
+        auto_augment_magnitude=d.auto_augment_magnitude,
     )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from coarse2fine.config import RunConfig
 from coarse2fine.engine import CrossEntropyObjective, Objective, load_checkpoint
 from coarse2fine.engine.checkpoint import model_state_of
-from coarse2fine.errors import CheckpointError, HierarchyError
+from coarse2fine.errors import CheckpointError, HierarchyError, ModelError
 from coarse2fine.facts import RunFacts
 from coarse2fine.hdcnn import HDCNN, HDCNNObjective
 from coarse2fine.herbs import build_herbs
@@ -26,10 +26,11 @@ from coarse2fine.models import create_model, init_from_shallower, load_pretraine
 
 
 def build_backbone(cfg: RunConfig, num_classes: int, in_chans: int, *, load_files: bool = True) -> nn.Module:
-    """The factory model of ``cfg.model``, with its local weights (``pretrained_file``) when asked.
+    """The factory model of ``cfg.model``, with its weights (``pretrained``, ``pretrained_file``) when asked.
 
     The initial weights come from ``cfg.seed`` (torch's global generator is seeded first: a fresh
     process starts it from a random seed, so the same recipe would otherwise start differently).
+    ``load_files=False`` (rebuilding a trained checkpoint) reads no weights: neither the hub nor files.
     """
     torch.manual_seed(cfg.seed)
     m = cfg.model
@@ -38,9 +39,16 @@ def build_backbone(cfg: RunConfig, num_classes: int, in_chans: int, *, load_file
         kwargs["init"] = m.init
     if cfg.data.image_size and not m.name.startswith("timm/"):
         kwargs.setdefault("input_size", cfg.data.image_size)  # our heads are sized to the training input
+    if load_files and m.pretrained:
+        kwargs["pretrained"] = m.pretrained
+    else:
+        kwargs.pop("pretrained", None)
     model = create_model(m.name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if load_files and m.pretrained_file:
-        load_pretrained_file(model, m.pretrained_file)
+        try:
+            load_pretrained_file(model, m.pretrained_file)
+        except ModelError as exc:
+            raise ModelError(f"model.pretrained_file for model {m.name!r}: {exc}") from exc
     if load_files and m.init_from:
         ckpt = load_checkpoint(m.init_from)
         init_from_shallower(model, model_state_of(ckpt, m.init_from))
