@@ -5,10 +5,13 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
+from coarse2fine.hdcnn.model import FineComponents
 from coarse2fine.models.base import Backbone, StageInfo
 
 
@@ -54,3 +57,30 @@ def write_fashion_mnist(root: Path, n_train: int = 300, n_test: int = 100, seed:
         with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
     return root
+
+
+def old_layout_state(model: Any, seed: int = 1) -> dict[str, Tensor]:
+    """``model.state_dict()`` as the earlier layout stored it: a fine component stacked for *every* partial
+    set, one-class ones included (random weights there, never used), in a ``FineComponents`` over all K;
+    the product-quantised weights of ``model.fine`` get K code / centre tables (the one-class slots:
+    another component's)."""
+    gen = torch.Generator().manual_seed(seed)
+    comps = []
+    for k in range(model.num_coarse):
+        if k in model.runnable:
+            comps.append(model.fine.component(model.slot(k)))
+        else:
+            extra = model.fine.component(0)
+            with torch.no_grad():
+                for p in extra.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen))
+            comps.append(extra)
+    old = FineComponents(comps)
+    order = [model.slot(k) if k in model.runnable else 0 for k in range(model.num_coarse)]
+    for name, (s, k, axis) in model.fine.quantised().items():
+        mangled = name.replace(".", "__")
+        codes, centers = (getattr(model.fine, f"{mangled}__{part}")[order] for part in ("codes", "centers"))
+        old.set_quantized(name, s, k, axis, codes, centers)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fine.")}
+    state.update({f"fine.{k}": v for k, v in old.state_dict().items()})
+    return state
