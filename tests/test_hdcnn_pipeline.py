@@ -365,6 +365,34 @@ def test_block_checkpoint_of_another_split_is_refused_unless_allowed(
     check_block_split(finished[0], load_checkpoint(block)["config"], str(block))  # the same split: no error
 
 
+def test_load_trained_reads_an_old_layout_checkpoint_with_one_class_slots(tmp_path: Path, tiny_block: None) -> None:
+    """A checkpoint that stacked a fine component for every partial set (one-class ones included) rebuilds
+    through ``load_trained`` (its architecture check sees the converted layout) with the same outputs."""
+    from coarse2fine.engine.checkpoint import save_checkpoint
+    from coarse2fine.facts import HDCNNFacts, RunFacts
+    from coarse2fine.hierarchy import Hierarchy
+    from coarse2fine.recipes import load_trained
+    from coarse2fine.recipes.models import build_hdcnn_model
+    from test_hdcnn_helpers import old_layout_state
+
+    names = [f"c{j}" for j in range(6)]
+    h = Hierarchy(names, [0, 0, 0, 1, 2, 2], [[0, 1, 2], [3], [2, 4, 5]], ["a", "b", "c"])
+    cfg = load_config(None, ["method=hdcnn", "model.name=test_tiny_block", "hdcnn.branch_stage=stage1"])
+    hd = HDCNNFacts(hierarchy=h.to_dict(), branch_stage="stage1", block="test_tiny_block")
+    facts = RunFacts(in_chans=1, image_size=8, data_stats={"mean": [0.0], "std": [1.0]}, classes=names, hdcnn=hd)
+    model = build_hdcnn_model(cfg, facts).eval()
+    with torch.no_grad():
+        for p in model.fine.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    path = tmp_path / "old_hdcnn.pt"
+    state = old_layout_state(model)
+    save_checkpoint({"model": state, "config": to_dict(cfg), "classes": names, "metadata": facts.to_dict()}, path)
+    trained = load_trained(path)
+    assert trained.model.fine.num_components == 2 and state["fine.head__3__weight"].shape[0] == 3
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(trained.model(x)["probs"], model(x)["probs"])
+
+
 def test_local_label_view() -> None:
     from coarse2fine.data.base import InMemoryDataset
 
