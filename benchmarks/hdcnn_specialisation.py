@@ -30,7 +30,7 @@ def _outputs(pre: object, loader: object) -> tuple[Tensor, Tensor, dict[int, Ten
         labels.append(y)
         h = model.shared(x)
         for k in model.runnable:
-            local[k].append(model.fine.forward_one(k, h)[:, : len(model.partial_sets[k])])
+            local[k].append(model.fine.forward_one(model.slot(k), h)[:, : len(model.partial_sets[k])])
     return torch.cat(logits), torch.cat(labels), {k: torch.cat(v) for k, v in local.items()}
 
 

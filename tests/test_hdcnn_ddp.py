@@ -22,15 +22,15 @@ from coarse2fine.engine.checkpoint import load_checkpoint
 from coarse2fine.hierarchy import Hierarchy
 from coarse2fine.models import register_model
 from coarse2fine.recipes import hdcnn as pipeline
+from helpers.hdcnn import TINY_BLOCK, make_cfg, tiny_block_builder
 
 
 def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
     )
-    from test_hdcnn_pipeline import _tiny_create
 
-    register_model("test_tiny_block", _tiny_create, replace=True)  # spawned process: register it again
+    register_model(TINY_BLOCK, tiny_block_builder, replace=True)  # spawned process: register it again
     real_fit = pipeline.fit
 
     def recording_fit(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -47,8 +47,6 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out_dir:
 
 @pytest.mark.slow
 def test_pipeline_under_two_gloo_processes(tmp_path: Path) -> None:
-    from test_hdcnn_pipeline import make_cfg
-
     cfg = make_cfg(tmp_path, "hdcnn.finetune_epochs=2")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

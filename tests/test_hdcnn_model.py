@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from coarse2fine.errors import HierarchyError, ModelError
 from coarse2fine.hdcnn.model import HDCNN, FineComponentNet, find_classifier, split_block
 from coarse2fine.hierarchy import coarse_targets
-from helpers.hdcnn import TinyBlock
+from helpers.hdcnn import TinyBlock, old_layout_state
 
 SETS = [[0, 1, 2], [2, 3], [3, 4, 5]]
 
@@ -136,38 +136,34 @@ SINGLE = [[0, 1, 2], [3], [2, 4, 5]]  # component 1: a one-class partial set
 
 
 @pytest.mark.parametrize("fine_exec", ["vmap", "loop"])
-def test_one_class_partial_set_is_never_run_and_gets_probability_b(fine_exec: str) -> None:
+def test_one_class_partial_set_has_no_component_and_gets_probability_b(fine_exec: str) -> None:
     model = make(sets=SINGLE, fine_exec=fine_exec, sharp=30.0).eval()
+    # only the partial sets of more than one class are stacked: slot i is partial set runnable[i]
+    assert model.runnable == [0, 2] and model.singletons == [1] and model.fine.num_components == 2
+    assert [model.slot(k) for k in model.runnable] == [0, 1]
+    assert all(p.shape[0] == 2 for p in model.fine.stacked()[0].values())
     x = torch.randn(16, 1, 8, 8)
-    calls = _count_calls(model)
-    forward_all = model.fine.forward_all
-    seen: list[list[int] | None] = []
-
-    def spy(h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        seen.append(None if index is None else index.tolist())
-        return forward_all(h, index)
-
-    model.fine.forward_all = spy  # type: ignore[method-assign]
+    calls = _count_calls(model)  # keyed by slot
     full = model(x, beta=None)
-    assert seen == [[0, 2]] and 1 not in calls  # all-run mode: the singleton's F_k is skipped
     assert full["components_run"].tolist() == [2] * 16
     # by hand: p = sum_k B_ik p_k with p_1 = 1 on class 3
     h = model.shared(x)
     coarse = full["coarse_probs"]
     expected = coarse[:, 1:2] * F.one_hot(torch.full((16,), 3), 6).float()
     for k in (0, 2):
-        expected[:, SINGLE[k]] += coarse[:, k : k + 1] * F.softmax(model.fine.forward_one(k, h)[:, :3], 1)
+        local = F.softmax(model.fine.forward_one(model.slot(k), h)[:, :3], 1)
+        expected[:, SINGLE[k]] += coarse[:, k : k + 1] * local
     assert torch.allclose(full["probs"], expected, atol=1e-5)
     calls.clear()
     routed = model(x, beta=1.5)
     keep = (coarse >= 1 / (1.5 * 3)) | F.one_hot(coarse.argmax(1), 3).bool()
-    assert 1 not in calls and sum(calls.values()) == int(keep[:, [0, 2]].sum())
+    assert calls == {s: int(keep[:, k].sum()) for s, k in enumerate((0, 2)) if keep[:, k].any()}
     assert routed["components_run"].tolist() == keep[:, [0, 2]].sum(1).tolist()
     assert torch.allclose(routed["probs"].sum(1), torch.ones(16), atol=1e-5)
     assert torch.allclose(model(x, beta=1e9)["probs"], full["probs"], atol=1e-5)
 
 
-def test_one_class_partial_set_vmap_equals_loop_and_keeps_its_statistics() -> None:
+def test_one_class_partial_set_vmap_equals_loop_in_training() -> None:
     a, b = make(sets=SINGLE, fine_exec="vmap"), make(sets=SINGLE, fine_exec="loop")
     b.load_state_dict(a.state_dict())
     for m in [*a.modules(), *b.modules(), *a.fine.template.modules(), *b.fine.template.modules()]:
@@ -178,15 +174,117 @@ def test_one_class_partial_set_vmap_equals_loop_and_keeps_its_statistics() -> No
     oa, ob = a.train()(x), b.train()(x)
     assert torch.allclose(oa["probs"], ob["probs"], atol=1e-5)
     stats_a, stats_b = a.fine.stacked()[1], b.fine.stacked()[1]
-    # the subset run by vmap writes its batch-norm statistics back; the singleton's stay as they were
     assert torch.allclose(stats_a["body.1.running_mean"], stats_b["body.1.running_mean"], atol=1e-6)
-    assert not torch.allclose(stats_a["body.1.running_mean"][0], before[0])
-    assert torch.equal(stats_a["body.1.running_mean"][1], before[1])
+    assert not torch.allclose(stats_a["body.1.running_mean"], before)  # both stored slots ran
     oa["logits"][:, 4].sum().backward()
     ob["logits"][:, 4].sum().backward()
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
-    assert torch.all(a.fine.stacked()[0]["head.3.weight"].grad[1] == 0)  # nothing flows to the skipped slot
+
+
+def test_one_class_partial_set_is_not_stored_counted_or_trainable() -> None:
+    from coarse2fine.hdcnn.model import FineComponents
+
+    model = make(sets=SINGLE)
+    one = sum(p.numel() for p in model.fine.component(0).parameters())  # every slot has the same structure
+    everything = FineComponents([model.fine.component(0) for _ in SINGLE])  # the earlier layout: K slots
+    counted = sum(p.numel() for p in model.fine.parameters())
+    assert counted == 2 * one == sum(p.numel() for p in everything.parameters()) - one
+    with pytest.raises(ModelError, match="partial set 1 holds one class"):
+        model.fine_component_net(1)
+    with pytest.raises(ModelError, match="one class"):
+        model.load_fine_component(1, model.fine_component_net(0))
+    with pytest.raises(ModelError, match="does not exist"):
+        model.slot(3)
+    assert model.fine_component_net(2)(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    with pytest.raises(HierarchyError, match=r"smaller hdcnn\.num_coarse"):
+        HDCNN(TinyBlock(3), [[0], [1], [2]], "stage1")  # every set one class: the coarse component alone
+
+
+@pytest.mark.parametrize("beta", [None, 1.5])
+def test_old_layout_with_one_class_slots_loads_with_the_same_outputs(beta: float | None) -> None:
+    model = make(sets=SINGLE, sharp=30.0).eval()
+    old = old_layout_state(model)
+    assert old["fine.body__0__weight"].shape[0] == 3 * 8  # folded (K * out, in, kh, kw), K = 3 slots
+    assert old["fine.head__3__bias"].shape[0] == 3
+    fresh = HDCNN(TinyBlock(6), SINGLE, "stage1").eval()
+    fresh.load_state_dict(old)  # strict: the one-class slot is dropped by the pre-hook
+    x = torch.randn(8, 1, 8, 8)
+    torch.testing.assert_close(fresh(x, beta=beta)["probs"], model(x, beta=beta)["probs"])
+    converted = fresh.convert_state_dict(old)
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+    assert fresh.convert_state_dict(model.state_dict()).keys() == model.state_dict().keys()  # new layout: as is
+
+
+def test_old_layout_compressed_checkpoint_with_one_class_slots_loads() -> None:
+    from coarse2fine.compress import apply_compression_structure
+    from coarse2fine.hdcnn import compress_hdcnn
+
+    torch.manual_seed(0)
+    model = HDCNN(TinyBlock(6, width=32), SINGLE, "stage1").eval()
+    report = compress_hdcnn(model, {"fine": {"body.0": (4, 8, "columns")}, "coarse": {"body.0": (4, 8)}})
+    assert [r["component"] for r in report["fine_components"]] == [0, 2]  # one-class set 1: nothing compressed
+    assert model.state_dict()["fine.body__0__weight__codes"].shape[0] == 2
+    old = old_layout_state(model)
+    assert "fine.body__0__weight" not in old and old["fine.body__0__weight__codes"].shape[0] == 3
+    fresh = HDCNN(TinyBlock(6, width=32), SINGLE, "stage1").eval()
+    apply_compression_structure(fresh, report["spec"])
+    fresh.load_state_dict(old)
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(fresh(x)["probs"], model(x)["probs"])
+    assert torch.equal(fresh.fine.stacked()[0]["body.0.weight"], model.fine.stacked()[0]["body.0.weight"])
+
+
+def test_report_cost_counts_stored_components_only() -> None:
+    from coarse2fine.config import RunConfig, TrainConfig
+    from coarse2fine.hierarchy import Hierarchy
+    from coarse2fine.recipes.hdcnn_report import evaluate_hdcnn
+
+    model = make(sets=SINGLE).eval()
+    names = [f"c{j}" for j in range(6)]
+    h = Hierarchy(names, [0, 0, 0, 1, 2, 2], SINGLE, ["a", "b", "c"])
+    cfg = RunConfig(train=TrainConfig(device="cpu", amp="off"))
+    loader = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 4, 5]))]
+    cost = evaluate_hdcnn(cfg, model, h, loader, betas=[1.0])["cost"]
+    one = sum(p.numel() for p in model.fine.component(0).parameters())
+    assert cost["fine_component_parameters"] == 2 * one  # two stored components, not K = 3
+    parts = ("shared_parameters", "coarse_component_parameters", "fine_component_parameters")
+    assert cost["hdcnn_parameters"] == sum(cost[k] for k in parts)
+
+
+@pytest.mark.parametrize("beta", [None, 1.5])
+def test_probabilities_are_fp32_and_sum_to_one_under_bf16_autocast(beta: float | None) -> None:
+    model = make(sets=SINGLE, sharp=30.0).eval()
+    x = torch.randn(32, 1, 8, 8)
+    dtypes: dict[str, list[torch.dtype]] = {"threshold": [], "fine": []}
+    conditional, forward_one, forward_all = model.conditional_weights, model.fine.forward_one, model.fine.forward_all
+
+    def spy_threshold(coarse: torch.Tensor, b: float) -> torch.Tensor:
+        out = conditional(coarse, b)
+        dtypes["threshold"] += [coarse.dtype, out.dtype]
+        return out
+
+    def spy_one(k: int, h: torch.Tensor) -> torch.Tensor:
+        out = forward_one(k, h)
+        dtypes["fine"].append(out.dtype)
+        return out
+
+    def spy_all(h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        out = forward_all(h, index)
+        dtypes["fine"].append(out.dtype)
+        return out
+
+    model.conditional_weights = spy_threshold  # type: ignore[method-assign]
+    model.fine.forward_one, model.fine.forward_all = spy_one, spy_all  # type: ignore[method-assign]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, beta=beta)
+    assert set(dtypes["fine"]) == {torch.bfloat16}  # the layers still run under autocast
+    if beta is not None:
+        assert dtypes["threshold"] == [torch.float32, torch.float32]  # B_ik >= 1/(beta K) compared in fp32
+        assert out["components_run"].float().mean() < 2
+    for key in ("probs", "coarse_probs", "fine_probs_coarse"):
+        assert out[key].dtype == torch.float32, key
+        assert (out[key].sum(1) - 1).abs().max() <= 1e-6, key
 
 
 def test_training_mode_ignores_beta_and_runs_all() -> None:

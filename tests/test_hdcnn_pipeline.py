@@ -23,38 +23,7 @@ from coarse2fine.errors import CheckpointError, ConfigError, ModelError
 from coarse2fine.hdcnn import HDCNN
 from coarse2fine.models import register_model, unregister_model
 from coarse2fine.recipes import hdcnn as pipeline
-from helpers.hdcnn import TinyBlock, write_fashion_mnist
-
-
-def make_cfg(tmp_path: Path, *overrides: str) -> RunConfig:
-    root = write_fashion_mnist(tmp_path / "fmnist", n_train=150, n_test=60)
-    return load_config(
-        None,
-        [
-            "name=tiny",
-            "method=hdcnn",
-            f"out_dir={tmp_path / 'runs'}",
-            "data.name=fashion_mnist",
-            f"data.root={root}",
-            "data.val_fraction=0.2",
-            "data.batch_size=30",
-            "data.workers=0",
-            "data.pad=0",
-            "optim.lr=0.05",
-            "schedule.name=constant",
-            "train.epochs=1",
-            "train.threads=1",
-            "train.device=cpu",
-            "train.amp='off'",
-            "hdcnn.num_coarse=3",
-            "hdcnn.branch_stage=stage1",
-            "hdcnn.fine_epochs=1",
-            "hdcnn.finetune_epochs=1",
-            "hdcnn.beta_sweep=[1.0, 2.0]",
-            "model.name=test_tiny_block",
-            *overrides,
-        ],
-    )
+from helpers.hdcnn import TINY_BLOCK, TinyBlock, make_cfg, tiny_block_builder
 
 
 def _record_fits(monkeypatch: pytest.MonkeyPatch) -> list[dict]:  # also a MonkeyPatch.context()
@@ -70,16 +39,12 @@ def _record_fits(monkeypatch: pytest.MonkeyPatch) -> list[dict]:  # also a Monke
     return calls
 
 
-def _tiny_create(num_classes: int, in_chans: int, **kwargs: object) -> TinyBlock:
-    return TinyBlock(num_classes, in_chans, width=8)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def tiny_block() -> Iterator[None]:
     """The building block of the recipe is a tiny stand-in (the factory's VGG would be too slow here)."""
-    register_model("test_tiny_block", _tiny_create, replace=True)
+    register_model(TINY_BLOCK, tiny_block_builder, replace=True)
     yield
-    unregister_model("test_tiny_block")
+    unregister_model(TINY_BLOCK)
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +102,18 @@ def test_pipeline_end_to_end(finished: tuple[RunConfig, dict], tiny_block: None)
     assert ckpt["metadata"]["hdcnn"]["branch_stage"] == "stage1" and "data_stats" in ckpt["metadata"]
 
 
+def copy_finished(finished: tuple[RunConfig, dict], tmp_path: Path, *overrides: str) -> RunConfig:
+    """The finished run copied to ``tmp_path/runs/tiny`` and its recipe (same data) with ``overrides``."""
+    cfg0 = finished[0]
+    shutil.copytree(cfg0.run_dir, tmp_path / "runs" / "tiny")
+    return make_cfg(tmp_path, f"data.root={cfg0.data.root}", *overrides)
+
+
 def test_skip_when_exists_resume_and_cli(
     finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg0, report = finished
-    shutil.copytree(cfg0.run_dir, tmp_path / "runs" / "tiny")
-    cfg = make_cfg(tmp_path)
+    cfg = copy_finished(finished, tmp_path)
     run = cfg.run_dir
     # every stage output exists: nothing is trained again and nothing is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.pt")}
@@ -154,7 +125,7 @@ def test_skip_when_exists_resume_and_cli(
 
     # resume: fine-tuning gets a second epoch -> continues from finetune/checkpoints/last.pt (epoch 1)
     (run / "hdcnn.pt").unlink()
-    pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.finetune_epochs=2"), progress=False)
+    pipeline.run_pipeline(make_cfg(tmp_path, f"data.root={cfg0.data.root}", "hdcnn.finetune_epochs=2"), progress=False)
     assert calls == [{"run_dir": "finetune", "resume": True}]
     last = load_checkpoint(run / "finetune" / "checkpoints" / "last.pt")
     assert last["epoch"] == 2 and [r["epoch"] for r in last["history"]] == [1, 2]
@@ -216,7 +187,7 @@ def test_cli_fit_reuses_block_checkpoint(
 
     block = finished[0].run_dir / "block.pt"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(to_dict(make_cfg(tmp_path, "name=reuse"))))
+    recipe.write_text(yaml.safe_dump(to_dict(make_cfg(tmp_path, "name=reuse", f"data.root={finished[0].data.root}"))))
     calls = _record_fits(monkeypatch)
     sets = [f"hdcnn.block_checkpoint={block}", "hdcnn.finetune_epochs=0", "hdcnn.fine_epochs=0", "hdcnn.beta_sweep=[]"]
     argv = ["hdcnn", "fit", "--config", str(recipe), "--quiet"]
@@ -231,6 +202,160 @@ def test_cli_fit_reuses_block_checkpoint(
     # a bad override is a clean error (exit status 2), nothing written
     assert main([*argv, "--set", "hdcnn.num_coarse=0"]) == 2
     assert "hdcnn.num_coarse" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "stage", "difference"),
+    [
+        ("hdcnn.num_coarse=2", "hierarchy.json", "hdcnn.num_coarse = 3 there, 2 now"),
+        ("hdcnn.gamma=2", "hierarchy.json", "hdcnn.gamma = 5.0 there, 2.0 now"),
+        ("optim.lr=0.1", "block.pt", "optim.lr = 0.05 there, 0.1 now"),
+        ("data.limit_train=100", "block.pt", "data.limit_train = None there, 100 now"),
+        ("hdcnn.fine_lr=0.01", "component_0.pt", "hdcnn.fine_lr = None there, 0.01 now"),
+        ("hdcnn.coarse_targets=aggregation", "hdcnn_init.pt", "hdcnn.coarse_targets = 'paper' there, 'aggregation'"),
+        ("hdcnn.consistency_weight=5", "hdcnn.pt", "hdcnn.consistency_weight = 20.0 there, 5.0 now"),
+    ],
+)
+def test_rerun_with_other_settings_is_refused_naming_them(
+    finished: tuple[RunConfig, dict],
+    tmp_path: Path,
+    tiny_block: None,
+    monkeypatch: pytest.MonkeyPatch,
+    override: str,
+    stage: str,
+    difference: str,
+) -> None:
+    """Issue #16: a stage made with other settings is never reused silently as this run's."""
+    cfg = copy_finished(finished, tmp_path, override)
+    stamps = {p: p.stat().st_mtime_ns for p in cfg.run_dir.rglob("*") if p.is_file()}
+    calls = _record_fits(monkeypatch)
+    with pytest.raises(ConfigError) as err:
+        pipeline.run_pipeline(cfg, progress=False)
+    message = str(err.value)
+    assert stage in message and difference in message, message
+    assert "c2f hdcnn fit --restart" in message and "--set name=<new name>" in message
+    assert calls == [] and {p: p.stat().st_mtime_ns for p in cfg.run_dir.rglob("*") if p.is_file()} == stamps
+
+
+def test_rerun_with_settings_that_change_no_stage_reuses_everything(
+    finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_effect = ["hdcnn.beta_sweep=[4.0]", "hdcnn.beta=2.0", "hdcnn.fine_exec=loop", "train.log_every=7"]
+    cfg = copy_finished(finished, tmp_path, *no_effect, "train.keep_checkpoints=1", "data.eval_batch_size=20")
+    stamps = {p: p.stat().st_mtime_ns for p in cfg.run_dir.rglob("*.pt")}
+    calls = _record_fits(monkeypatch)
+    report = pipeline.run_pipeline(cfg, progress=False)
+    assert calls == [] and {p: p.stat().st_mtime_ns for p in cfg.run_dir.rglob("*.pt")} == stamps
+    assert [row["beta"] for row in report["beta_sweep"]] == [None, 4.0]
+    # what the stage files record: the settings that made them, none of those above
+    record = json.loads((cfg.run_dir / "hierarchy.json").read_text())["meta"]["stage_settings"]
+    assert record["hdcnn.num_coarse"] == 3 and record["data.val_fraction"] == 0.2 and record["seed"] == 0
+    final = load_checkpoint(cfg.run_dir / "hdcnn.pt")["stage_settings"]
+    assert final["hdcnn.finetune_epochs"] == 1 and final["hdcnn.block_epochs"] == 1 and final["optim.lr"] == 0.05
+    assert not {"hdcnn.beta", "hdcnn.beta_sweep", "hdcnn.fine_exec", "train.device", "train.threads"} & set(final)
+
+
+def test_restart_retrains_every_stage_with_the_new_settings(
+    finished: tuple[RunConfig, dict], tmp_path: Path, tiny_block: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coarse2fine.cli import main
+
+    cfg = copy_finished(finished, tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(to_dict(cfg)))
+    calls = _record_fits(monkeypatch)
+    argv = ["hdcnn", "fit", "--config", str(recipe), "--set", "hdcnn.num_coarse=2", "--quiet"]
+    assert main(argv) == 2  # refused: hierarchy.json was made with K=3
+    assert main([*argv, "--restart"]) == 0
+    assert [c["run_dir"] for c in calls] == ["block", "k0", "k1", "finetune"]
+    assert not any(c["resume"] for c in calls)
+    h = json.loads((cfg.run_dir / "hierarchy.json").read_text())
+    assert len(h["partial_sets"]) == 2 and h["meta"]["stage_settings"]["hdcnn.num_coarse"] == 2
+    calls.clear()
+    assert main(argv) == 0 and calls == []  # the same settings again: every stage reused
+
+
+def test_stage_files_without_a_record_are_reused_with_a_warning(
+    finished: tuple[RunConfig, dict],
+    tmp_path: Path,
+    tiny_block: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from coarse2fine.engine.checkpoint import save_checkpoint
+
+    cfg = copy_finished(finished, tmp_path, "hdcnn.gamma=2")  # unchecked: an old file cannot tell
+    run = cfg.run_dir
+    for path in [run / "block.pt", *run.glob("fine/component_*.pt"), run / "hdcnn_init.pt", run / "hdcnn.pt"]:
+        ckpt = load_checkpoint(path)
+        del ckpt["stage_settings"]
+        save_checkpoint(ckpt, path)
+    h = json.loads((run / "hierarchy.json").read_text())
+    del h["meta"]["stage_settings"]
+    (run / "hierarchy.json").write_text(json.dumps(h))
+    calls = _record_fits(monkeypatch)
+    with caplog.at_level("WARNING", logger="coarse2fine.recipes.hdcnn_records"):
+        pipeline.run_pipeline(cfg, progress=False)
+    assert calls == []
+    warned = [r.getMessage() for r in caplog.records if "recorded their settings" in r.getMessage()]
+    assert len(warned) == 7 and any("hierarchy.json" in w for w in warned)  # block, hierarchy, 3 F_k, init, final
+
+
+def test_block_checkpoint_of_another_split_is_refused_unless_allowed(
+    finished: tuple[RunConfig, dict],
+    tmp_path: Path,
+    tiny_block: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from coarse2fine.recipes.hdcnn_records import check_block_split
+
+    block = finished[0].run_dir / "block.pt"
+    quick = ["hdcnn.fine_epochs=0", "hdcnn.finetune_epochs=0", "hdcnn.beta_sweep=[]"]
+    other = [f"hdcnn.block_checkpoint={block}", "data.val_fraction=0.3", "seed=1", *quick]
+    cfg = make_cfg(tmp_path, *other)  # its own copy of the data: another data.root too
+    with pytest.raises(ConfigError) as err:
+        pipeline.run_pipeline(cfg, progress=False)
+    message = str(err.value)
+    assert "data.val_fraction = 0.2 there, 0.3 now" in message and "seed = 0 there, 1 now" in message
+    assert "data.root" in message and "hdcnn.allow_other_split" in message and "data.name" not in message
+    assert not (cfg.run_dir / "hierarchy.json").exists()
+    calls = _record_fits(monkeypatch)
+    with caplog.at_level("WARNING", logger="coarse2fine.recipes.hdcnn_records"):
+        report = pipeline.run_pipeline(make_cfg(tmp_path, *other, "hdcnn.allow_other_split=true"), progress=False)
+    assert calls == [] and report["block_source"] == str(block)
+    assert "another split" in caplog.text and "data.val_fraction" in caplog.text
+    with pytest.raises(ConfigError, match="records no config"):
+        check_block_split(cfg, None, "elsewhere.pt")
+    check_block_split(finished[0], load_checkpoint(block)["config"], str(block))  # the same split: no error
+
+
+def test_load_trained_reads_an_old_layout_checkpoint_with_one_class_slots(tmp_path: Path, tiny_block: None) -> None:
+    """A checkpoint that stacked a fine component for every partial set (one-class ones included) rebuilds
+    through ``load_trained`` (its architecture check sees the converted layout) with the same outputs."""
+    from coarse2fine.engine.checkpoint import save_checkpoint
+    from coarse2fine.facts import HDCNNFacts, RunFacts
+    from coarse2fine.hierarchy import Hierarchy
+    from coarse2fine.recipes import load_trained
+    from coarse2fine.recipes.models import build_hdcnn_model
+    from helpers.hdcnn import old_layout_state
+
+    names = [f"c{j}" for j in range(6)]
+    h = Hierarchy(names, [0, 0, 0, 1, 2, 2], [[0, 1, 2], [3], [2, 4, 5]], ["a", "b", "c"])
+    cfg = load_config(None, ["method=hdcnn", "model.name=test_tiny_block", "hdcnn.branch_stage=stage1"])
+    hd = HDCNNFacts(hierarchy=h.to_dict(), branch_stage="stage1", block="test_tiny_block")
+    facts = RunFacts(in_chans=1, image_size=8, data_stats={"mean": [0.0], "std": [1.0]}, classes=names, hdcnn=hd)
+    model = build_hdcnn_model(cfg, facts).eval()
+    with torch.no_grad():
+        for p in model.fine.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    path = tmp_path / "old_hdcnn.pt"
+    state = old_layout_state(model)
+    save_checkpoint({"model": state, "config": to_dict(cfg), "classes": names, "metadata": facts.to_dict()}, path)
+    trained = load_trained(path)
+    assert trained.model.fine.num_components == 2 and state["fine.head__3__weight"].shape[0] == 3
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(trained.model(x)["probs"], model(x)["probs"])
 
 
 def test_local_label_view() -> None:

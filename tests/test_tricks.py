@@ -24,7 +24,7 @@ from coarse2fine.data.transforms import BatchAugment, TrainBatchTransform, large
 from coarse2fine.engine import CrossEntropyObjective, FitSetup, RunFolder, fit, load_checkpoint
 from coarse2fine.engine.progress import Bar, LogProgress, progress
 from coarse2fine.recipes import load_trained
-from test_engine_helpers import (
+from helpers.engine import (
     CLASSES,
     STEPS_PER_EPOCH,
     assert_same_weights,
@@ -33,7 +33,7 @@ from test_engine_helpers import (
     make_model,
     setup_of,
 )
-from test_engine_helpers import run as run_tiny
+from helpers.engine import run as run_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]

@@ -261,6 +261,9 @@ class HDCNNConfig:
     fine_head_init: FineHeadInit = "random"  # METHODS.md §2.3: random (last layer new) | block (its rows)
     fine_exec: FineExec = "auto"  # METHODS.md §2.2: auto (vmap on GPU, loop on CPU) | vmap | loop
     beta_sweep: list[float] = setting(factory=lambda: [1.0, 2.0, 4.0, 8.0], gt=0)  # evaluation sweep
+    # a block_checkpoint trained on another split (data name/root/val_fraction/limit_train, seed) is an
+    # error (its training images may be in this run's held-out split); true: a warning
+    allow_other_split: bool = False
 
 
 @dataclass

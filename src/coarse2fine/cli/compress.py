@@ -56,7 +56,7 @@ def register(subparsers: Any) -> None:
 def _print_hdcnn_compression(result: dict[str, Any]) -> None:
     rows = ["| part | layer | shape | axis | s | k | factor | rel. error |", "|---|---|---|---|---:|---:|---:|---:|"]
     sections = [("shared", result["shared_layers"]), ("coarse", result["coarse_component"])]
-    sections += [(f"fine {k}", r) for k, r in enumerate(result["fine_components"])]
+    sections += [(f"fine {r.get('component', k)}", r) for k, r in enumerate(result["fine_components"])]
     for part, rep in sections:
         for r in (rep or {}).get("layers", []):
             rows.append(

@@ -24,8 +24,10 @@ def compress_hdcnn(
     ``{"shared": {...}, "coarse": {...}, "fine": {...}}`` with the layer specs
     ``{layer name: (s, k[, axis])}`` of each part (names inside that part; ``fine`` applies to every F_k).
     Shared layers and the coarse component get PQ layers. The fine components are stacked tensors:
-    each F_k is quantised as a standalone copy, and the K codes / centres of a weight are stored in
-    the stack (``FineComponents.set_quantized``), which saves them instead of the fp32 weight.
+    each stored F_k (``model.runnable``: a one-class partial set has none) is quantised as a standalone
+    copy, and the codes / centres of a weight, one table per stored component, are stored in the stack
+    (``FineComponents.set_quantized``), which saves them instead of the fp32 weight. ``fine_components``
+    lists each one's report with its partial set ``component``.
     Bytes are those of the ``state_dict`` (what a checkpoint stores); ``rear_*``: the coarse and fine
     components together (the layers after the branch point). ``spec`` in the result names every
     quantised tensor of the whole model (``shared.*``, ``coarse.*``, ``fine.<layer>.weight``) for
@@ -57,13 +59,13 @@ def compress_hdcnn(
         if rep is not None:
             full_spec.update({f"{prefix}.{n}": sk for n, sk in rep.spec().items()})
     fine_layers = []
-    quantised: dict[str, list[nn.Module]] = {}  # layer -> its PQ layer in each of the K components
-    for k in range(model.num_coarse):
-        comp = model.fine.component(k)
+    quantised: dict[str, list[nn.Module]] = {}  # layer -> its PQ layer in each stored component
+    for slot, k in enumerate(model.runnable):  # one-class partial sets have no component to compress
+        comp = model.fine.component(slot)
         rep = part(comp, "fine", seed + 1 + k)
         if rep is None:
             continue
-        fine_layers.append(rep.to_dict())
+        fine_layers.append({"component": k, **rep.to_dict()})
         for n, m in comp.named_modules():
             if hasattr(m, "codes"):
                 quantised.setdefault(n, []).append(m)

@@ -9,25 +9,32 @@ and a category hierarchy (partial sets S_k of fine classes), branching at a name
 - fine components F_k = copies of the rear layers whose last classifier layer outputs |S_k| classes;
 - probabilistic averaging p(j|x_i) = sum_k B_ik p_k(j|x_i) / sum_k B_ik over the components run.
 
-The K fine components have identical structure, so their parameters are stored *stacked* (leading
-dimension K) and, when all of them run, executed at once with ``torch.vmap`` over one template
-module (``fine_exec="vmap"``); ``"loop"`` runs them one after another (same parameters, same
-result). Every component's last layer is stored padded to ``max_k |S_k|`` outputs; the padding
-rows are masked to probability 0 and receive no gradient.
+The fine components have identical structure, so their parameters are stored *stacked* (leading
+dimension: one slot per component) and, when all of them run, executed at once with ``torch.vmap``
+over one template module (``fine_exec="vmap"``); ``"loop"`` runs them one after another (same
+parameters, same result). Every component's last layer is stored padded to ``max_k |S_k|`` outputs;
+the padding rows are masked to probability 0 and receive no gradient.
+
+The aggregation (12) and the probabilistic averaging (13) run in fp32 with autocast disabled, also
+when the layers run under bf16/fp16 autocast: their rows sum to 1 and the threshold of (17) compares
+fp32 probabilities.
 
 Conditional execution (METHODS.md §2.4): at inference with ``beta`` set, B_ik < 1/(beta K) is set to 0
 and F_k runs only on the sub-batch of images that still need it (``index_select`` in,
 ``index_add_`` out; no Python loop over images).
 
-A partial set of one class needs no network (p_k = 1 on its class): its F_k is kept in the stack
-(same structure for every slot) but never run, in training or at inference.
+A partial set of one class needs no network (p_k = 1 on its class): it has no F_k. The stack holds
+the components of the partial sets with more than one class only (``runnable``; slot i of the stack
+is partial set ``runnable[i]``), so a one-class set is never stored, run, counted or compressed.
+Checkpoints of the earlier layout (one slot per partial set, plain or product-quantised) load: a
+``load_state_dict`` pre-hook drops the one-class slots (:meth:`HDCNN.convert_state_dict`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -89,6 +96,11 @@ def split_block(block: nn.Module, stage: str) -> tuple[nn.Module, nn.Module]:
 
 def _mangle(name: str) -> str:
     return name.replace(".", "__")
+
+
+def _no_autocast(t: Tensor) -> torch.autocast:
+    """Autocast disabled on ``t``'s device: the probability arithmetic runs in the dtype it is given (fp32)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 # ---- the stacked fine components ------------------------------------------------------------------
@@ -254,6 +266,25 @@ class FineComponents(nn.Module):
                 value = self._dequantised(name, state_dict[codes], state_dict[centers].float())
                 state_dict[key] = self._fold(name, value).to(getattr(self, _mangle(name)).dtype)
 
+    def select_slots(self, state_dict: dict[str, Any], prefix: str, keep: Sequence[int], total: int) -> None:
+        """In place: the tensors of ``state_dict`` under ``prefix`` that stack ``total`` components (an
+        earlier layout) keep only the slots ``keep``, in that order. Folded 4-D weights
+        ``(total * out, ...)`` and product-quantised codes / centres ``(total, ...)`` included; tensors
+        already stacking ``len(keep)`` components are left as they are."""
+        index = torch.as_tensor(list(keep), dtype=torch.long)
+        names = {_mangle(n): n for n in [*self._param_names, *self._buffer_names]}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            value, local = state_dict[key], key[len(prefix) :]
+            if not isinstance(value, Tensor) or value.dim() == 0:
+                continue
+            name = names.get(local)
+            if name in self._folded:
+                if value.shape[0] == total * self._folded[name]:
+                    rows = value.unflatten(0, (total, self._folded[name]))
+                    state_dict[key] = rows.index_select(0, index.to(value.device)).flatten(0, 1)
+            elif (name is not None or local.endswith(("__codes", "__centers"))) and value.shape[0] == total:
+                state_dict[key] = value.index_select(0, index.to(value.device))
+
     @torch.no_grad()
     def load_component(self, k: int, module: nn.Module) -> None:
         """Copy the parameters and buffers of ``module`` (same structure) into slot ``k``."""
@@ -272,6 +303,21 @@ def _drop_quantised(module: FineComponents, state: dict[str, Any], prefix: str, 
 
 
 # ---- HD-CNN -------------------------------------------------------------------------------------
+
+
+def _fine_component(rear: nn.Module, cls_name: str, members: Sequence[int], s_max: int, head_init: str) -> nn.Module:
+    """A copy of the rear layers whose classifier ``cls_name`` has ``s_max`` outputs, the first |S_k| for
+    ``members``: new (``random``) or the block's rows of those classes (``block``)."""
+    comp = copy.deepcopy(rear)
+    layer = comp.get_submodule(cls_name)
+    head = _resized_classifier(layer, s_max)
+    if head_init == "block":  # start from the block's rows of the classes in S_k
+        with torch.no_grad():
+            head.weight[: len(members)].copy_(layer.weight[members])
+            if head.bias is not None:
+                head.bias[: len(members)].copy_(layer.bias[members])
+    _set_submodule(comp, cls_name, head)
+    return comp
 
 
 def _normalise_partial_sets(
@@ -310,7 +356,10 @@ class HDCNN(nn.Module):
     - ``"fine_probs_coarse"``: the coarse component's fine softmax B^f (B, C);
     - ``"heads"``: ``{"coarse_component": log B^f}`` (the coarse component as a fine classifier);
     - ``"components_run"``: fine components executed per image (B,) int64 (a one-class partial set
-      is never executed: its p_k is 1 on its class).
+      has no component: its p_k is 1 on its class).
+
+    ``self.fine`` stacks the components of ``runnable`` (the partial sets of more than one class): slot
+    ``i`` is partial set ``runnable[i]`` (:meth:`slot`).
     """
 
     def __init__(
@@ -342,6 +391,12 @@ class HDCNN(nn.Module):
         if uncovered:
             names = [class_names[j] for j in uncovered] if class_names else uncovered
             raise HierarchyError(f"classes {names} are in no partial set, so HD-CNN could never predict them")
+        singletons = [k for k, s in enumerate(sets) if len(s) == 1]
+        if len(singletons) == num_coarse:
+            raise HierarchyError(
+                f"every one of the {num_coarse} partial sets holds one class, so HD-CNN would have no fine "
+                "component and be its coarse component alone; choose a smaller hdcnn.num_coarse"
+            )
         if fine_head_init not in ("random", "block"):
             raise ModelError(f"hdcnn fine_head_init {fine_head_init!r} is not 'random' or 'block'")
 
@@ -360,17 +415,11 @@ class HDCNN(nn.Module):
             raise ModelError(f"the rear's last classifier layer {cls_name!r} does not output the {num_classes} classes")
         self.classifier_name = cls_name
         s_max = max(len(s) for s in sets)
-        components = []
-        for members in sets:
-            comp = copy.deepcopy(rear)
-            head = _resized_classifier(cls_layer, s_max)
-            if fine_head_init == "block":  # start from the block's rows of the classes in S_k
-                with torch.no_grad():
-                    head.weight[: len(members)].copy_(cls_layer.weight[members])
-                    if head.bias is not None:
-                        head.bias[: len(members)].copy_(cls_layer.bias[members])
-            _set_submodule(comp, cls_name, head)
-            components.append(comp)
+        # a partial set of one class needs no network: p_k = 1 on that class (it has no F_k, no slot)
+        self.singletons = singletons
+        self.runnable = [k for k, s in enumerate(sets) if len(s) > 1]
+        self._slots = {k: i for i, k in enumerate(self.runnable)}
+        components = [_fine_component(rear, cls_name, sets[k], s_max, fine_head_init) for k in self.runnable]
         self.fine = FineComponents(components, fine_exec)
 
         membership = torch.zeros(num_classes, num_coarse)
@@ -383,28 +432,53 @@ class HDCNN(nn.Module):
         self.register_buffer("membership", membership, persistent=False)  # (C, K)
         self.register_buffer("expand", expand, persistent=False)  # (K, S_max, C) local -> global
         self.register_buffer("valid", valid, persistent=False)  # (K, S_max)
-        # a partial set of one class needs no network: p_k = 1 on that class (its F_k is never run)
-        self.singletons = [k for k, s in enumerate(sets) if len(s) == 1]
-        self.runnable = [k for k, s in enumerate(sets) if len(s) > 1]
         long = torch.long
         self.register_buffer("run_index", torch.tensor(self.runnable, dtype=long), persistent=False)
         self.register_buffer("single_index", torch.tensor(self.singletons, dtype=long), persistent=False)
         single_class = torch.tensor([sets[k][0] for k in self.singletons], dtype=long)
         self.register_buffer("single_class", single_class, persistent=False)
+        self._register_load_state_dict_pre_hook(self._drop_one_class_slots)
+
+    # ---- the stack's slots --------------------------------------------------------------------------
+    def slot(self, k: int) -> int:
+        """Where partial set ``k``'s fine component is in ``self.fine``; a one-class set has none (ModelError)."""
+        if k in self._slots:
+            return self._slots[k]
+        if 0 <= k < self.num_coarse:
+            raise ModelError(
+                f"partial set {k} holds one class ({self.partial_sets[k][0]}): it has no fine component "
+                "(p_k is 1 on its class), so there is nothing to train, load or run"
+            )
+        raise ModelError(f"partial set {k} does not exist; this HD-CNN has K={self.num_coarse}")
+
+    def convert_state_dict(self, state: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """``state`` in this layout. The earlier one stacked a fine component for every partial set,
+        one-class sets included; their slots (plain, folded or product-quantised tensors) are dropped."""
+        state = dict(state)
+        if self.singletons:
+            self.fine.select_slots(state, prefix + "fine.", self.runnable, self.num_coarse)
+        return state
+
+    def _drop_one_class_slots(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if self.singletons:  # load_state_dict pre-hook: runs before FineComponents' own (dequantisation)
+            self.fine.select_slots(state_dict, prefix + "fine.", self.runnable, self.num_coarse)
 
     # ---- pieces ---------------------------------------------------------------------------------
     def coarse_forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """(B^f (B, C), B (B, K)) from shared features ``h`` (METHODS.md §2.2 aggregation)."""
-        fine_probs = F.softmax(self.coarse(h).float(), dim=-1)
-        agg = fine_probs @ self.membership
-        return fine_probs, agg / agg.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        """(B^f (B, C), B (B, K)) from shared features ``h`` (METHODS.md §2.2 aggregation, in fp32)."""
+        logits = self.coarse(h)
+        with _no_autocast(logits):
+            fine_probs = F.softmax(logits.float(), dim=-1)
+            agg = fine_probs @ self.membership.float()
+            return fine_probs, agg / agg.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
     def local_probs(self, k: int | Tensor, logits: Tensor) -> Tensor:
-        """Softmax over the valid outputs of component ``k`` (or of components ``k``, for ``(n, B, S)``)."""
+        """fp32 softmax over the valid outputs of partial set ``k`` (or of sets ``k``, for ``(n, B, S)``)."""
         mask = self.valid[k]
         if isinstance(k, Tensor):
             mask = mask[:, None, :]
-        return F.softmax(logits.float().masked_fill(~mask, float("-inf")), dim=-1)
+        with _no_autocast(logits):
+            return F.softmax(logits.float().masked_fill(~mask, float("-inf")), dim=-1)
 
     def _singleton_part(self, weights: Tensor) -> Tensor:
         """sum over one-class partial sets of B_ik p_k, with p_k = 1 on the set's class (no F_k run)."""
@@ -412,31 +486,39 @@ class HDCNN(nn.Module):
         return out.index_add_(1, self.single_class, weights.index_select(1, self.single_index).float())
 
     def conditional_weights(self, coarse_probs: Tensor, beta: float) -> Tensor:
-        """B_ik set to 0 below 1/(beta K); each image keeps at least its most probable component."""
-        keep = coarse_probs >= 1.0 / (beta * self.num_coarse)
-        top = coarse_probs.argmax(dim=1, keepdim=True)
-        keep = keep.scatter(1, top, True)
-        return coarse_probs * keep
+        """B_ik set to 0 below 1/(beta K) (compared in fp32); each image keeps at least its most probable component."""
+        with _no_autocast(coarse_probs):
+            coarse_probs = coarse_probs.float()
+            keep = coarse_probs >= 1.0 / (beta * self.num_coarse)
+            top = coarse_probs.argmax(dim=1, keepdim=True)
+            keep = keep.scatter(1, top, True)
+            return coarse_probs * keep
 
     def _all_components(self, h: Tensor, weights: Tensor) -> Tensor:
+        """Every stored component on the whole batch (layers under autocast), averaged (13) in fp32."""
         idx = self.run_index
-        mixed = self._singleton_part(weights)
-        if idx.numel():
-            local = self.local_probs(idx, self.fine.forward_all(h, idx if self.singletons else None))
-            mixed = mixed + torch.einsum("bk,kbs,ksc->bc", weights.index_select(1, idx), local, self.expand[idx])
-        return mixed / weights.sum(dim=1, keepdim=True)
+        logits = self.fine.forward_all(h)  # (R, B, S_max): slot i is partial set runnable[i]
+        with _no_autocast(weights):
+            weights = weights.float()
+            local = self.local_probs(idx, logits)
+            mixed = torch.einsum("bk,kbs,ksc->bc", weights.index_select(1, idx), local, self.expand[idx].float())
+            return (mixed + self._singleton_part(weights)) / weights.sum(dim=1, keepdim=True)
 
     def _routed_components(self, h: Tensor, weights: Tensor) -> Tensor:
-        """Run F_k only on the images with a nonzero weight for k (METHODS.md §2.4)."""
+        """Run F_k only on the images with a nonzero weight for k (METHODS.md §2.4); averaging in fp32."""
+        weights = weights.float()
         out = self._singleton_part(weights)
-        for k in self.runnable:
+        for slot, k in enumerate(self.runnable):
             idx = torch.nonzero(weights[:, k] > 0, as_tuple=True)[0]
             if idx.numel() == 0:
                 continue
-            local = self.local_probs(k, self.fine.forward_one(k, h.index_select(0, idx)))
-            contrib = (local @ self.expand[k]).float() * weights.index_select(0, idx)[:, k : k + 1]
-            out.index_add_(0, idx, contrib)
-        return out / weights.sum(dim=1, keepdim=True)
+            logits = self.fine.forward_one(slot, h.index_select(0, idx))
+            with _no_autocast(logits):
+                local = self.local_probs(k, logits)
+                contrib = (local @ self.expand[k].float()) * weights.index_select(0, idx)[:, k : k + 1]
+                out.index_add_(0, idx, contrib)
+        with _no_autocast(out):
+            return out / weights.sum(dim=1, keepdim=True)
 
     def forward(self, x: Tensor, beta: float | str | None = "default") -> dict[str, Any]:
         """``beta``: ``"default"`` uses ``self.beta``; None runs every component; a number routes."""
@@ -462,19 +544,25 @@ class HDCNN(nn.Module):
 
     # ---- fine components one at a time (pretraining, METHODS.md §2.3 step 2) -----------------------------
     def fine_component_net(self, k: int) -> nn.Module:
-        """A copy of the shared layers (frozen, eval mode) + an independent copy of F_k: |S_k| logits."""
-        return FineComponentNet(copy.deepcopy(self.shared), self.fine.component(k), len(self.partial_sets[k]))
+        """A copy of the shared layers (frozen, eval mode) + an independent copy of F_k: |S_k| logits.
+
+        ``k`` is the partial set; a one-class set has no F_k (ModelError)."""
+        slot = self.slot(k)
+        return FineComponentNet(copy.deepcopy(self.shared), self.fine.component(slot), len(self.partial_sets[k]))
 
     def load_fine_component(self, k: int, net: nn.Module) -> None:
-        """Copy a (pre)trained :meth:`fine_component_net` back into slot k."""
-        self.fine.load_component(k, net.component if isinstance(net, FineComponentNet) else net)
+        """Copy a (pre)trained :meth:`fine_component_net` of partial set k back into its slot."""
+        self.fine.load_component(self.slot(k), net.component if isinstance(net, FineComponentNet) else net)
 
     def metadata(self) -> dict[str, Any]:
         return {"partial_sets": self.partial_sets, "branch_stage": self.branch_stage}
 
     def extra_repr(self) -> str:
         sizes = [len(s) for s in self.partial_sets]
-        return f"branch_stage={self.branch_stage!r}, K={self.num_coarse}, |S_k|={sizes}, beta={self.beta}"
+        return (
+            f"branch_stage={self.branch_stage!r}, K={self.num_coarse}, |S_k|={sizes}, "
+            f"fine components={len(self.runnable)}, beta={self.beta}"
+        )
 
 
 class UnrolledHDCNN(nn.Module):

@@ -13,7 +13,9 @@ Stages, each under ``runs/<name>/`` and skipped when its output exists (``resume
 5. ``hdcnn_report.json`` + ``beta_tradeoff.png`` — evaluation on the test split (recomputed each run).
 
 An interrupted stage resumes from its ``checkpoints/last.pt``. Stage outputs are written atomically,
-so a crash never leaves a half-written one that a later run would skip to.
+so a crash never leaves a half-written one that a later run would skip to. Each stage output records
+the settings it was made with (``recipes.hdcnn_records``); a re-run whose settings differ for a stage it
+would reuse is a ConfigError naming them (``--restart`` retrains every stage).
 
 Under ``torchrun`` stages 1, 3 and 4 train data-parallel (``data.batch_size`` is the global batch),
 every rank computes the same hierarchy from the gathered held-out softmax, rank 0 alone writes the
@@ -46,6 +48,16 @@ from coarse2fine.facts import HDCNNFacts, RunFacts
 from coarse2fine.hdcnn import HDCNN, HDCNNObjective, plot_tradeoff, split_block
 from coarse2fine.hierarchy import Hierarchy, coarse_targets
 from coarse2fine.recipes.data import DataBundle, Loaders, build_datasets, build_loaders
+from coarse2fine.recipes.hdcnn_records import (
+    STAGE_SETTINGS,
+    block_record,
+    check_block_split,
+    check_stage_reuse,
+    final_record,
+    fine_record,
+    hierarchy_record,
+    init_record,
+)
 from coarse2fine.recipes.hdcnn_report import evaluate_hdcnn, reference_taxonomy
 from coarse2fine.recipes.hierarchy import learn_from_probs, write_hierarchy
 from coarse2fine.recipes.models import build_backbone, build_hdcnn_model
@@ -169,23 +181,6 @@ def _save_on_main(state: dict[str, Any], path: Path) -> None:
     du.barrier()
 
 
-def _warn_if_other_split(cfg: RunConfig, saved: Any, source: str) -> None:
-    """The hierarchy must come from images the block never trained on: same data, seed and split."""
-    if not isinstance(saved, dict):
-        return
-    data = saved.get("data", {})
-    mine = (cfg.data.name, cfg.data.val_fraction, cfg.seed)
-    theirs = (data.get("name"), data.get("val_fraction"), saved.get("seed"))
-    if mine != theirs:
-        log.warning(
-            "building block %s was trained with (data, val_fraction, seed) = %s but this run uses %s: the "
-            "held-out split differs, so the hierarchy may be learnt on images the block was trained on",
-            source,
-            theirs,
-            mine,
-        )
-
-
 def stage_block(
     cfg: RunConfig, bundle: DataBundle, loaders: Loaders, paths: StagePaths, *, resume: bool, progress: bool
 ) -> tuple[nn.Module, str]:
@@ -197,9 +192,12 @@ def stage_block(
     if source is not None:
         ckpt = load_checkpoint(source)
         check_compatible(ckpt, classes, block, source)
+        if cfg.hdcnn.block_checkpoint:  # the hierarchy must come from images the block never trained on
+            check_block_split(cfg, ckpt.get("config"), source)
+        else:
+            check_stage_reuse(source, ckpt.get(STAGE_SETTINGS), block_record(cfg))
         block.load_state_dict(ckpt["model"])
         log.info("HD-CNN stage 1: building block from %s", source)
-        _warn_if_other_split(cfg, ckpt.get("config"), source)
         return block, source
     epochs = cfg.hdcnn.block_epochs or cfg.train.epochs
     bcfg = dataclasses.replace(_stage_cfg(cfg, epochs=epochs), method="plain")
@@ -215,7 +213,8 @@ def stage_block(
         progress=progress,
         desc="block",
     )
-    _save_on_main(_final_checkpoint(block, bcfg, facts, epoch=ckpt.get("epoch")), paths.block)
+    record = {STAGE_SETTINGS: block_record(cfg)}
+    _save_on_main(_final_checkpoint(block, bcfg, facts, epoch=ckpt.get("epoch"), **record), paths.block)
     return block, str(paths.block)
 
 
@@ -233,6 +232,7 @@ def stage_hierarchy(
     classes = list(bundle.classes)
     if resume and paths.hierarchy.is_file():
         h = Hierarchy.load(paths.hierarchy, classes)
+        check_stage_reuse(paths.hierarchy, h.meta.get(STAGE_SETTINGS), hierarchy_record(cfg))
     else:
         probs, targets = predict_proba(
             block,
@@ -243,6 +243,7 @@ def stage_hierarchy(
             desc="held-out probabilities",
         )
         h = learn_from_probs(probs, targets, classes, cfg.hdcnn, seed=cfg.seed)
+        h = dataclasses.replace(h, meta={**h.meta, STAGE_SETTINGS: hierarchy_record(cfg)})
         if du.is_main_process():  # every rank holds the same gathered probabilities, hence the same h
             title = f"{cfg.name}: learnt hierarchy (K={h.num_coarse})"
             write_hierarchy(h, probs, targets, paths.run_dir, reference=reference_taxonomy(cfg, bundle), title=title)
@@ -262,16 +263,21 @@ def stage_fine_components(
     resume: bool,
     progress: bool,
 ) -> None:
-    """Stage 3: pretrain each F_k alone on its partial set, shared layers frozen (METHODS.md §2.3)."""
+    """Stage 3: pretrain each F_k alone on its partial set, shared layers frozen (METHODS.md §2.3).
+
+    A one-class partial set has no F_k (p_k = 1 on its class): nothing to learn, nothing written."""
     lr = cfg.hdcnn.fine_lr if cfg.hdcnn.fine_lr is not None else cfg.optim.lr
     fcfg = _stage_cfg(cfg, epochs=cfg.hdcnn.fine_epochs, lr=lr)
-    for k, members in enumerate(model.partial_sets):
+    record = fine_record(cfg)
+    for k in model.runnable:
+        members = model.partial_sets[k]
         out = paths.fine(k)
         net = model.fine_component_net(k)
         if resume and out.is_file():
             ckpt = load_checkpoint(out)
+            check_stage_reuse(out, ckpt.get(STAGE_SETTINGS), record)
             net.component.load_state_dict(ckpt["model"])
-        elif cfg.hdcnn.fine_epochs > 0 and len(members) > 1:  # one class: p_k = 1, nothing to learn
+        elif cfg.hdcnn.fine_epochs > 0:
             local = _local_bundle(bundle, members)
             loaders = build_loaders(fcfg, local, rank=du.rank(), world_size=du.world_size())
             local_facts = facts.replace(classes=local.classes, stage="fine", component=k, partial_set=list(members))
@@ -286,7 +292,7 @@ def stage_fine_components(
                 progress=progress,
                 desc=f"fine component {k + 1}/{model.num_coarse}",
             )
-            _save_on_main(_final_checkpoint(net.component, fcfg, local_facts), out)
+            _save_on_main(_final_checkpoint(net.component, fcfg, local_facts, **{STAGE_SETTINGS: record}), out)
         model.load_fine_component(k, net)
 
 
@@ -306,8 +312,10 @@ def stage_finetune(
     classes = list(bundle.classes)
     if resume and paths.final.is_file():
         ckpt = load_checkpoint(paths.final)
-        check_compatible(ckpt, classes, model, paths.final)
-        model.load_state_dict(ckpt["model"])
+        check_stage_reuse(paths.final, ckpt.get(STAGE_SETTINGS), final_record(cfg))
+        state = model.convert_state_dict(ckpt["model"])  # an earlier layout: one-class slots dropped
+        check_compatible({**ckpt, "model": state}, classes, model, paths.final)
+        model.load_state_dict(state)
         return
     lr = cfg.hdcnn.finetune_lr if cfg.hdcnn.finetune_lr is not None else cfg.optim.lr / 10
     tcfg = _stage_cfg(cfg, epochs=cfg.hdcnn.finetune_epochs, lr=lr)
@@ -325,7 +333,7 @@ def stage_finetune(
             desc="fine-tune",
             param_groups=hdcnn_param_groups(model),
         )
-    _save_on_main(_final_checkpoint(model, tcfg, facts), paths.final)
+    _save_on_main(_final_checkpoint(model, tcfg, facts, **{STAGE_SETTINGS: final_record(cfg)}), paths.final)
 
 
 # ---- the whole pipeline -----------------------------------------------------------------------------
@@ -365,6 +373,18 @@ def pretrain_stages(
     return Pretrained(block, block_source, h, t, facts, model)
 
 
+def stage_init(cfg: RunConfig, pre: Pretrained, paths: StagePaths, *, resume: bool) -> HDCNN:
+    """``hdcnn_init.pt``: the assembled HD-CNN before fine-tuning (written, or reused), loaded into a new model."""
+    if resume and paths.init.is_file():
+        check_stage_reuse(paths.init, load_checkpoint(paths.init).get(STAGE_SETTINGS), init_record(cfg))
+    elif du.is_main_process():
+        save_checkpoint(_final_checkpoint(pre.model, cfg, pre.facts, **{STAGE_SETTINGS: init_record(cfg)}), paths.init)
+    du.barrier()
+    initial = build_hdcnn_model(cfg, pre.facts)
+    initial.load_state_dict(load_checkpoint(paths.init)["model"])
+    return initial
+
+
 def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Train (stages 1-4, resumable) and evaluate an HD-CNN; returns (and saves) the report."""
     cfg = dataclasses.replace(cfg, method="hdcnn")
@@ -382,11 +402,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
 
     pre = pretrain_stages(cfg, bundle, loaders, paths, resume=resume, progress=progress)
     h, model = pre.hierarchy, pre.model
-    if du.is_main_process() and not (resume and paths.init.is_file()):
-        save_checkpoint(_final_checkpoint(model, cfg, pre.facts), paths.init)
-    du.barrier()
-    initial = build_hdcnn_model(cfg, pre.facts)
-    initial.load_state_dict(load_checkpoint(paths.init)["model"])
+    initial = stage_init(cfg, pre, paths, resume=resume)
     stage_finetune(cfg, model, bundle, loaders, paths, pre.facts, pre.coarse_targets, resume=resume, progress=progress)
     if info.world_size > 1:  # trained: rank 0 evaluates on the whole test split alone
         du.cleanup()

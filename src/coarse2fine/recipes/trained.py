@@ -87,7 +87,10 @@ def load_trained(
     model, _ = build_model_and_objective(cfg, facts, load_files=False)
     if facts.compression:  # a product-quantised model: rebuild its quantised layers before loading
         apply_compression_structure(model, facts.compression)
-    check_compatible(ckpt, classes, model, path)
-    model.load_state_dict(model_state_of(ckpt, path))
+    state = model_state_of(ckpt, path)
+    convert = getattr(model, "convert_state_dict", None)  # HD-CNN: checkpoints of its earlier stacking
+    state = convert(state) if callable(convert) else state
+    check_compatible({**ckpt, "model": state}, classes, model, path)
+    model.load_state_dict(state)
     model.eval()
     return Trained(model=model, cfg=cfg, facts=facts, checkpoint=ckpt, path=path)
