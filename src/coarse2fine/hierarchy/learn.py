@@ -352,21 +352,9 @@ def cluster_partition(
     return labels, info
 
 
-def cluster_classes(
-    D: ArrayLike,
-    num_coarse: int,
-    *,
-    method: str = "auto",
-    seed: int = 0,
-    affinity: str = "confusion",
-    knn: int | None = None,
-    t: float | None = None,
-    n_components: int | None = None,
-    preference: float | None = None,
-    isolation: float = ISOLATION,
-    tolerance: float = TOLERANCE,
-) -> np.ndarray:
-    """Disjoint map ``P^d`` (fine -> coarse), an int array (C,) in 0..K-1 (METHODS.md §2.1 step 3).
+def cluster_classes(D: ArrayLike, num_coarse: int, **options: Any) -> np.ndarray:
+    """Disjoint map ``P^d`` (fine -> coarse), an int array (C,) in 0..K-1 (METHODS.md §2.1 step 3);
+    ``options`` are those of :func:`cluster_partition`.
 
     ``method="auto"`` (default): of the candidates below -- spectral clustering; spectral clustering of
     the classes that are not near-isolated (:func:`near_isolated`: total confusion below ``isolation``
@@ -390,19 +378,7 @@ def cluster_classes(
     embedding size.
     Groups are numbered in order of their first class. :func:`cluster_partition` also returns the scores.
     """
-    labels, _ = cluster_partition(
-        D,
-        num_coarse,
-        method=method,
-        seed=seed,
-        affinity=affinity,
-        knn=knn,
-        t=t,
-        n_components=n_components,
-        preference=preference,
-        isolation=isolation,
-        tolerance=tolerance,
-    )
+    labels, _ = cluster_partition(D, num_coarse, **options)
     return labels
 
 
