@@ -1,13 +1,21 @@
 """``c2f export``: a trained model as safetensors + config.json (loadable without the training
-checkpoint) or as an ONNX graph."""
+checkpoint) or as an ONNX graph.
+
+safetensors: the weights (compressed layers as codes + centres) and a config.json beside them (model, classes,
+input size, normalisation, the run's settings, hierarchy, compression) that c2f predict / eval and
+coarse2fine.recipes.load_trained read without the training checkpoint. onnx: a graph with a dynamic batch axis
+whose output is the class probabilities (needs pip install coarse2fine[export]).
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from coarse2fine.cli.common import add_set
+from coarse2fine.cli.common import checkpoint_verb
 from coarse2fine.recipes.export import FORMATS, ExportRequest, export_model
+
+HELP = "export a trained model: safetensors + config.json, or ONNX"
 
 
 def _size(n: int) -> str:
@@ -27,21 +35,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export a trained model: safetensors + config.json, or ONNX",
-        description="safetensors: the weights (compressed layers as codes + centres) and a config.json beside "
-        "them (model, classes, input size, normalisation, the run's settings, hierarchy, compression) that "
-        "c2f predict / eval and coarse2fine.recipes.load_trained read without the training checkpoint. "
-        "onnx: a graph with a dynamic batch axis whose output is the class probabilities "
-        "(needs pip install coarse2fine[export]).",
-    )
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (or an export folder)")
+    p = checkpoint_verb(sub, "export", HELP, __doc__, "a training checkpoint (or an export folder)")
     p.add_argument("--format", choices=FORMATS, default="safetensors")
     p.add_argument(
         "--out",
         help="safetensors: a folder (or a .safetensors file, config.json beside it); onnx: a .onnx file "
         "(default: beside the checkpoint, <name>_export/ or <name>.onnx)",
     )
-    add_set(p, "a value of the checkpoint's config")
     p.set_defaults(func=cmd_export)

@@ -1,4 +1,8 @@
-"""``c2f predict``: the top classes with probabilities for image files, folders and globs."""
+"""``c2f predict``: the top classes with probabilities for image files, folders and globs.
+
+Predicts every image named (folders recursively, globs expanded), in sorted path order. The checkpoint may be
+a training checkpoint or a safetensors export (c2f export).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from coarse2fine.cli.common import add_quiet, add_set
+from coarse2fine.cli.common import checkpoint_verb
 from coarse2fine.errors import ConfigError
 from coarse2fine.recipes.outputs import checked_output_file
 from coarse2fine.recipes.predict import (
@@ -20,6 +24,8 @@ from coarse2fine.recipes.predict import (
     save_predictions,
     write_rows,
 )
+
+HELP = "top-k classes with probabilities for image files, folders and globs"
 
 
 def _beta(text: str) -> float | str | None:
@@ -55,19 +61,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fmt = output_format(args.out, args.format) if (args.out or args.format) else None
     if args.out:
         checked_output_file(args.out)  # a wrong --out fails before any image is read
-    req = PredictRequest(
-        inputs=args.images,
-        checkpoint=args.checkpoint,
-        topk=args.topk,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        bad_images=args.bad_images,
-        beta=args.beta,
-        heads=args.heads,
-        device=args.device,
-        progress=not args.quiet,
-        overrides=args.overrides,
-    )
+    same = ("topk", "batch_size", "workers", "bad_images", "beta", "heads", "device", "checkpoint", "overrides")
+    req = PredictRequest(inputs=args.images, progress=not args.quiet, **{name: getattr(args, name) for name in same})
     result = predict(req)
     if args.out:
         path = save_predictions(result, args.out, fmt or "csv")
@@ -86,14 +81,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="top-k classes with probabilities for image files, folders and globs",
-        description="Predicts every image named (folders recursively, globs expanded), in sorted path order. "
-        "The checkpoint may be a training checkpoint or a safetensors export (c2f export).",
-    )
+    p = checkpoint_verb(sub, "predict", HELP, __doc__, "a checkpoint, or an export folder / .safetensors file")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and globs ('imgs/**/*.jpg')")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint, or an export folder / .safetensors file")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--out", help="write the rows to a file: CSV (path, class_1, probability_1, ...) or .jsonl")
     p.add_argument(
@@ -121,6 +110,4 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, help="images per batch (default: the checkpoint's eval batch)")
     p.add_argument("--workers", type=int, help="image-reading processes (default: the checkpoint's data.workers)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the GPU when there is one)")
-    add_set(p, "a value of the checkpoint's config, e.g. data.test_scale=256")
-    add_quiet(p)
     p.set_defaults(func=cmd_predict)
