@@ -16,7 +16,7 @@ from coarse2fine.recipes.trained import Trained
 
 def read_image_tensor(path: str, channels: int) -> torch.Tensor:
     """An image file as a uint8 (C, H, W) tensor in the model's colour mode."""
-    if not Path(path).is_file():
+    if not Path(path).exists():  # a directory, a corrupt file: load_image names what it is
         raise DataError(f"image {path!r} does not exist")
     img = load_image(path, mode="L" if channels == 1 else "RGB")
     arr = np.asarray(img, dtype=np.uint8)
