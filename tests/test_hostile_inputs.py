@@ -15,12 +15,14 @@ from PIL import Image
 
 from coarse2fine.cli import main
 from coarse2fine.config import MAX_YAML_ALIASES, MAX_YAML_BYTES, load_config, quote, to_dict
-from coarse2fine.data import load_dataset
+from coarse2fine.data import ImageFileDataset, build_loader, build_transforms, load_dataset
 from coarse2fine.engine import distributed
 from coarse2fine.engine.checkpoint import save_checkpoint
-from coarse2fine.errors import ConfigError, DataError
+from coarse2fine.engine.evaluate import resolve_device
+from coarse2fine.errors import ConfigError, DataError, ModelError
 from coarse2fine.facts import RunFacts
 from coarse2fine.herbs.explain import load_image as explain_load_image
+from coarse2fine.models import create_model
 from coarse2fine.recipes.explain import picture_names
 from coarse2fine.recipes.models import build_model_and_objective
 from coarse2fine.recipes.predict import read_image_tensor
@@ -258,3 +260,33 @@ def test_other_modules_cap_the_values_they_quote(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ConfigError, match="environment variable WORLD_SIZE='999") as err:
         distributed.init_distributed()
     assert len(str(err.value)) < 400
+
+
+# ---- what the property test found (tests/test_config_fuzz.py) -----------------------------------------
+
+
+def test_a_model_build_that_cannot_work_is_a_model_error() -> None:
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=r"fc1 would hold 32,768,000,000 weights \(over 1,073,741,824"):
+        create_model("vgg16", num_classes=10, input_size=4000)  # never allocated
+    with pytest.raises(ModelError, match=r"model 'vgg_small_bn' cannot be built with dropout=5: dropout probability"):
+        create_model("vgg_small_bn", num_classes=10, in_chans=1, dropout=5)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_devices_workers_and_sizes_out_of_reach_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.device=cuda:99: this machine has .*--set train\.device=cpu"):
+        resolve_device("cuda:99")
+    images = [_image(tmp_path / f"{i}.png", i) for i in range(2)]
+    dataset = ImageFileDataset([str(p) for p in images], [0, 1], ["a", "b"], source="two images")
+    with pytest.raises(ConfigError, match=r"data\.workers=1000000 must be in \[0, 256\]"):
+        build_loader(dataset, None, batch_size=1, workers=1_000_000)
+    with pytest.raises(ConfigError, match=r"data\.train_scale=100000 is over 8192 pixels"):
+        build_transforms({"mean": [0.5] * 3, "std": [0.5] * 3}, in_memory=False, image_size=224, train_scale=[100_000])
+
+
+def test_a_file_system_refusal_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    long_dir = "d" * 300  # one path component over NAME_MAX (255)
+    args = ["train", "--config", "configs/fashion_mnist_vgg.yaml", "--check"]
+    assert main([*args, "--set", f"data.root={tmp_path}/{long_dir}"]) == 2
+    assert "File name too long" in _error_line(capsys)
