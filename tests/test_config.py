@@ -126,7 +126,7 @@ def test_device_outside_the_pattern_is_refused(device: str) -> None:
         ("train.epochs=0", "train.epochs: must be >= 1, got 0"),
         ("train.label_smoothing=1", "train.label_smoothing: must be in [0, 1), got 1"),
         ("train.grad_clip=0", "train.grad_clip: must be > 0, got 0"),
-        ("train.threads=0", "train.threads: must be >= 1, got 0"),
+        ("train.threads=0", "train.threads: must be in [1, 1024], got 0"),
         ("eval.scales=[224, 0]", "eval.scales[1]: must be >= 1, got 0"),
         ("hdcnn.num_coarse=0", "hdcnn.num_coarse: must be >= 1, got 0"),
         ("hdcnn.beta=-1", "hdcnn.beta: must be > 0, got -1"),

@@ -74,6 +74,7 @@ def test_pipeline_end_to_end(finished: tuple[RunConfig, dict], tiny_block: None)
     ):
         assert (run / name).is_file(), name
     assert all((run / "fine" / f"component_{k}.pt").is_file() for k in range(3))
+    assert yaml.safe_load((run / "config.yaml").read_text()) == to_dict(cfg)  # the resolved recipe (method: hdcnn)
     saved = json.loads((run / "hdcnn_report.json").read_text())
     assert saved["hdcnn"]["top1"] == report["hdcnn"]["top1"]
     assert len(report["groups"]) == 3
@@ -378,6 +379,7 @@ def test_bad_configs(tmp_path: Path, tiny_block: None) -> None:
         pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.coarse_targets=mean"), progress=False)
     with pytest.raises(ModelError, match="stage1"):
         pipeline.run_pipeline(make_cfg(tmp_path, "hdcnn.branch_stage=stage7", "hdcnn.block_epochs=1"), progress=False)
+    assert not (tmp_path / "runs").exists()  # refused before the run folder (or its config.yaml) was made
 
 
 def test_bad_checkpoints(
@@ -395,6 +397,7 @@ def test_bad_checkpoints(
     save_checkpoint({"model": TinyBlock(10, 1, width=16).state_dict(), "classes": finished[1]["classes"]}, other)
     with pytest.raises(CheckpointError, match=r"other\.pt"):
         pipeline.run_pipeline(make_cfg(tmp_path, f"hdcnn.block_checkpoint={other}"), progress=False)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_peak_memory_on_cpu_counts_activations_and_keeps_stderr_clean() -> None:

@@ -11,7 +11,9 @@ every run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -52,6 +54,8 @@ AutoAugment = Literal["rand", "trivial"]
 BestOn = Literal["model", "ema"]
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+# out_dir/<name> stays one folder inside out_dir (a run started over with --overwrite empties it)
+RUN_NAME = (r"(?!\.\.?$)[^/\\\x00]{1,255}", "one folder name (no '/', not '.' or '..', 1-255 characters)")
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,37 @@ class Range:
 
 
 def _num(x: Any) -> str:
-    return format(x, "g") if isinstance(x, float) else str(x)
+    return format(x, "g") if isinstance(x, float) else quote(x)
+
+
+class _ShortRepr(reprlib.Repr):
+    """``reprlib`` with short limits; an integer too long to print is described by its length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = 120
+        self.maxlong, self.maxlevel, self.maxdict = 60, 3, 6
+        self.maxlist = self.maxtuple = self.maxset = 8
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # str() of an int over 4300 digits raises; nobody reads 78 digits
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+QUOTE_LIMIT = 200
+
+
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` (e.g. a path) for an error message, at most ``limit`` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters: long strings, lists, mappings
+    and numbers are shortened (never built in full), so a hostile value cannot flood a message."""
+    return clip(_SHORT.repr(value), limit)
 
 
 def setting(
@@ -146,13 +180,13 @@ class DataConfig:
         if self.train_scale is not None:
             scale = self.train_scale
             if len(scale) not in (1, 2) or (len(scale) == 2 and scale[0] > scale[1]):
-                yield "train_scale", f"give [S] or [S_min, S_max] with S_min <= S_max, got {scale}"
+                yield "train_scale", f"give [S] or [S_min, S_max] with S_min <= S_max, got {quote(scale)}"
             elif self.image_size is not None and min(scale) < self.image_size:
                 yield "train_scale", f"S={min(scale)} is smaller than the crop data.image_size={self.image_size}"
         if self.test_scale is not None and self.image_size is not None and self.test_scale < self.image_size:
             yield "test_scale", f"Q={self.test_scale} is smaller than the crop data.image_size={self.image_size}"
         if self.label == "coarse" and self.name != "cifar100":
-            yield "label", f"'coarse' exists for data.name=cifar100 only, not {self.name!r}; use fine"
+            yield "label", f"'coarse' exists for data.name=cifar100 only, not {self.name!r}; --set data.label=fine"
 
 
 @dataclass
@@ -212,7 +246,7 @@ class TrainConfig:
     nan_policy: NanPolicy = "stop"  # a non-finite loss stops the run, or its step is skipped
     log_every: int = setting(50, ge=0)  # steps between TensorBoard scalars; 0: none
     compile: bool = False
-    threads: int | None = setting(None, ge=1)  # torch.set_num_threads; None: leave as is
+    threads: int | None = setting(None, ge=1, le=1024)  # torch.set_num_threads; None: leave as is
     keep_checkpoints: int = setting(3, ge=0)  # per-epoch checkpoints/epoch_XXX.pt kept besides last.pt, best.pt
     find_unused_parameters: bool = False  # DDP: for models whose forward skips some parameters
     ema_decay: float | None = setting(None, gt=0, lt=1)  # EMA of the weights (timm ModelEmaV3); None: off
@@ -302,14 +336,17 @@ class HERBSConfig:
                 yield f"num_selects[{i}]", f"{_num(v)} is neither a token count (integer >= 1) nor a fraction < 1"
         if self.basic is None and self.use_refinement and not self.use_bottom_up:
             why = "the refinement target is the bottom-up classifier"
-            yield "use_refinement", f"needs herbs.use_bottom_up ({why}); set it true, or use_refinement false"
+            yield "use_refinement", (
+                f"needs herbs.use_bottom_up ({why}): --set herbs.use_bottom_up=true, "
+                "or --set herbs.use_refinement=false"
+            )
 
 
 @dataclass
 class RunConfig:
     """A whole run: ``c2f train --config configs/<recipe>.yaml``."""
 
-    name: str = "run"
+    name: str = setting("run", pattern=RUN_NAME)  # the run folder out_dir/<name>
     method: Method = "plain"  # METHODS.md §1 (plain), §2 (hdcnn), §3 (herbs)
     out_dir: str = "runs"
     seed: int = setting(0, ge=0)
@@ -343,6 +380,111 @@ _RETIRED: dict[str, tuple[str, ...]] = {"eval": ("batch_size",)}
 _SCIENTIFIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
 
 
+# ---- reading YAML ---------------------------------------------------------------------------------
+# A recipe is a few KiB of plain values. Anything far beyond that is refused before it can cost time or
+# memory: a file or --set value above MAX_YAML_BYTES is not parsed; aliases (``*name``) that expand the
+# document beyond MAX_YAML_NODES values (a "billion laughs" of nested anchors) or MAX_YAML_DEPTH levels,
+# more than MAX_YAML_ALIASES aliases, or an alias inside its own anchor are refused once the node graph
+# is composed (aliases are shared nodes, so it is small) and before any Python value is built.
+
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 32
+MAX_YAML_ALIASES = 100
+MAX_STRING = 4096  # a string setting (a name, a path): no path needs more
+MAX_INT = 2**63 - 1  # torch and numpy take 64-bit integers
+
+
+class _RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """``yaml.safe_load``'s loader for plain values only: a date stays the text written; binary data,
+    sets and ordered pairs are refused."""
+
+
+def _date_as_text(loader: Any, node: yaml.Node) -> str:
+    return str(loader.construct_scalar(node))
+
+
+def _not_plain(loader: Any, node: yaml.Node) -> None:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"the tag {node.tag.rsplit(':', 1)[-1]!r} is not a plain value", node.start_mark
+    )
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:timestamp", _date_as_text)
+for _tag in ("binary", "set", "omap", "pairs"):
+    _RecipeLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _not_plain)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_node_graph(root: yaml.Node, source: str) -> None:
+    """Refuse a composed document whose aliases expand it too far (see MAX_YAML_*): sizes and heights are
+    counted once per node (an alias is the same node object), iteratively, so a bomb costs microseconds."""
+    size: dict[int, tuple[int, int]] = {}  # id(node) -> (values after expansion, nesting height)
+    open_: set[int] = set()  # nodes on the current path: meeting one again is a recursive alias
+    edges, stack = 0, [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        kids = _children(node)
+        if done:
+            open_.discard(id(node))
+            sub = [size[id(k)] for k in kids]
+            size[id(node)] = (1 + sum(n for n, _ in sub), 1 + max((h for _, h in sub), default=0))
+            if size[id(node)][0] > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: its aliases expand it to over {MAX_YAML_NODES:,} values (refused)")
+            if size[id(node)][1] > MAX_YAML_DEPTH:
+                raise ConfigError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels (refused)")
+        elif id(node) in open_:
+            raise ConfigError(f"{source}: an alias refers to the value that contains it (refused)")
+        elif id(node) not in size:
+            open_.add(id(node))
+            edges += len(kids)
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids)
+    if edges - (len(size) - 1) > MAX_YAML_ALIASES:  # an edge to a node met before is an alias
+        raise ConfigError(f"{source}: more than {MAX_YAML_ALIASES} aliases (refused)")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what and where (its own text spans several lines)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{context + ', ' if context else ''}{problem}{where}"
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` (a recipe, a ``--set`` value) as plain data, within the limits above; ``source`` names it."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source} is {len(text):,} characters long; a recipe may hold {MAX_YAML_BYTES:,}")
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_node_graph(node, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {clip(_yaml_problem(exc), 300)}") from None
+    except RecursionError:  # the pure-Python composer (no libyaml) recurses once per nesting level
+        raise ConfigError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels (refused)") from None
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        reason = str(exc).split(";")[0]  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise ConfigError(f"{source}: {clip(reason)} (refused)") from None
+    finally:
+        loader.dispose()
+
+
 # ---- generic typed loading ----------------------------------------------------------------------
 
 
@@ -356,15 +498,17 @@ def _choice(value: Any, choices: tuple[Any, ...], where: str, nullable: bool = F
     if isinstance(value, str) and value in choices:
         return value
     names = ", ".join(map(str, choices)) + (", or null" if nullable else "")
-    raise ConfigError(f"{where}: unknown value {value!r}; choose one of {names}")
+    raise ConfigError(f"{where}: unknown value {quote(value)}; choose one of {names}")
 
 
 def _number(value: Any, where: str, what: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > MAX_INT:  # torch / numpy take 64-bit integers
+            raise ConfigError(f"{where}: {quote(value)} is too large (at most {MAX_INT})")
         return value
     if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
         return float(value)
-    got = repr(value)
+    got = quote(value)
     if isinstance(value, str):
         got += " (a string; write the number without quotes)" if _is_float(value) else " (a string)"
     raise ConfigError(f"{where}: expected {what}, got {got}")
@@ -373,7 +517,7 @@ def _number(value: Any, where: str, what: str) -> float:
 def _is_float(text: str) -> bool:
     try:
         float(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         return False
     return True
 
@@ -395,12 +539,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {quote(value)}")
     if origin is Literal:
         return _choice(value, typing.get_args(tp), where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {quote(value)}")
         return from_dict(tp, value, where)
     if tp is Any:
         return value
@@ -409,29 +553,44 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]  # a single S is a one-element list
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {quote(value)}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {quote(value)}")
+        bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
+        if bad:  # the keys become keyword arguments
+            raise ConfigError(f"{where}: keys must be names (keyword arguments), got {quote(bad[0])}")
         return dict(value)
+    return _scalar(value, tp, where)
+
+
+def _scalar(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as a bool, float, int or str setting."""
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {quote(value)}")
     if tp is float:
-        return float(_number(value, where, "a number"))
+        number = _number(value, where, "a number")
+        try:
+            return float(number)
+        except OverflowError:
+            raise ConfigError(f"{where}: {quote(number)} is too large for a number") from None
     if tp is int:
         number = _number(value, where, "an integer")
         if isinstance(number, int) or float(number).is_integer():
-            return int(number)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            return int(_number(int(number), where, "an integer"))  # a float such as 1e30 is checked as an int
+        raise ConfigError(f"{where}: expected an integer, got {quote(value)}")
     if tp is str:
-        if isinstance(value, str):
-            return value
         if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
             return "on" if value else "off"
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {quote(value)}")
+        if len(value) > MAX_STRING or "\x00" in value:  # names and paths: no NUL, no megabyte path
+            why = "holds a NUL character" if "\x00" in value else f"is longer than {MAX_STRING} characters"
+            raise ConfigError(f"{where}: {quote(value)} {why}")
+        return value
     return value
 
 
@@ -447,11 +606,13 @@ def _check_values(obj: Any, where: str) -> None:
         if bounds is not None and value is not None:
             items = enumerate(value) if isinstance(value, list) else [(None, value)]
             for i, v in items:
-                if v not in bounds:  # nan is outside every range
-                    raise ConfigError(f"{key if i is None else f'{key}[{i}]'}: must be {bounds}, got {_num(v)}")
+                if v not in bounds or v in (math.inf, -math.inf):  # nan is outside every range
+                    finite = " and finite" if v in (math.inf, -math.inf) else ""
+                    name = key if i is None else f"{key}[{i}]"
+                    raise ConfigError(f"{name}: must be {bounds}{finite}, got {_num(v)}")
         pattern = f.metadata.get("pattern")
         if pattern is not None and not re.fullmatch(pattern[0], value):
-            raise ConfigError(f"{key}: unknown value {value!r}; use {pattern[1]}")
+            raise ConfigError(f"{key}: unknown value {quote(value)}; use {pattern[1]}")
     problems = getattr(obj, "_problems", None)
     for name, message in problems() if problems else ():
         raise ConfigError(f"{_key(where, name)}: {message}")
@@ -461,13 +622,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data`` and validate it; unknown keys are an error listing the valid ones."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted((k for k in data if k not in names), key=lambda k: quote(k, 60))  # keys of any type
     if unknown:
         retired = [k for k in unknown if k in _RETIRED.get(where, ())]
         note = f" ({', '.join(retired)}: retired, no longer read; delete it)" if retired else ""
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}{note}; valid keys: {', '.join(names)}"
-        )
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        shown = ", ".join(quote(k, 60) for k in unknown[:5]) + more
+        raise ConfigError(f"{where}: unknown key(s) {shown}{note}; valid keys: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], _key(where, k)) for k, v in data.items()}
     obj = cls(**kwargs)
     _check_values(obj, where)
@@ -486,38 +647,48 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=5")
+        raise ConfigError(f"--set {quote(item)}: expected key=value, e.g. train.epochs=5")
     key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+    value = parse_yaml(raw, f"--set {quote(item, 80)}: the value") if raw != "" else None
     return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides to a nested dict (values parsed as YAML)."""
+    """Apply ``a.b=c`` overrides to a nested dict (values parsed as YAML, with the limits of a recipe)."""
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {key!r} is not a section")
+                raise ConfigError(f"--set {quote(item)}: {quote(key)} is not a section")
         node[keys[-1]] = value
     return data
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe file as a mapping; refused unread when it is not a regular file or above ``MAX_YAML_BYTES``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    name = f"config file {quote(str(path))}"
+    if path.is_dir():
+        raise ConfigError(f"{name} is a directory, not a recipe")
+    if not path.exists():
+        raise ConfigError(f"{name} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not path.is_file():
+            raise ConfigError(f"{name} is not a regular file")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{name} holds {path.stat().st_size:,} bytes; a recipe may hold {MAX_YAML_BYTES:,}")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{name} cannot be read: {exc.strerror or exc}") from None
+    data = parse_yaml(text, name)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(f"{name} must hold a mapping at the top level")
     return data
 
 
@@ -529,7 +700,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return from_dict(RunConfig, data)
     except ConfigError as exc:
         if path is not None:
-            raise ConfigError(f"{path}: {exc}") from exc
+            raise ConfigError(f"{clip(str(path))}: {exc}") from exc
         raise
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from coarse2fine.cli import compress, demo, explain, export, hdcnn, hierarchy, models, predict, train
 from coarse2fine.cli import eval as eval_
+from coarse2fine.config import clip
 from coarse2fine.errors import C2FError
 
 VERBS = (train, eval_, predict, export, models, demo, hierarchy, compress, hdcnn, explain)
@@ -37,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except C2FError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (a name too long, no permission, ...): not a bug
+        print(f"error: {clip(str(exc), 500)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,8 +12,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "explain",
         help="HERBS: draw kept tokens, class map and top-5 classes for images",
-        description="For each image, write <out>/<image stem>.png: the image, the tokens HERBS' selector "
-        "keeps at each stage, the class-activation map of the predicted class, and the top-5 classes.",
+        description="For each image, write <out>/<image stem>.png (<stem>_<hash of its path>.png where images "
+        "share a stem): the image, the tokens HERBS' selector keeps at each stage, the class-activation map "
+        "of the predicted class, and the top-5 classes.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--checkpoint", required=True, help="a HERBS checkpoint written by c2f train")

@@ -9,7 +9,7 @@ from typing import Any
 
 from coarse2fine.cli.common import add_config, add_quiet, pct, resolve_config
 from coarse2fine.engine import distributed as du
-from coarse2fine.recipes import RunReport, train_run
+from coarse2fine.recipes import RunCheck, RunReport, check_run, train_run
 
 
 def resume_hint(args: argparse.Namespace) -> str:
@@ -29,12 +29,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.pretrained_file:
         extra.append(f"model.pretrained_file={args.pretrained_file}")
     cfg = resolve_config(args, extra)
+    if args.check:
+        print_check(check_run(cfg, resume=args.resume, overwrite=args.overwrite))
+        return 0
     report = train_run(
         cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, resume_hint=resume_hint(args)
     )
     if du.is_main_process():
         print_run_report(report)
     return 0
+
+
+def print_check(check: RunCheck) -> None:
+    """What ``--check`` accepted (rank 0)."""
+    if not du.is_main_process():
+        return
+    images = ", ".join(f"{n} {split}" for split, n in check.images.items())
+    print(f"ok: {check.classes} classes ({images} images); model {check.model} ({check.parameters:,} parameters)")
+    print(f"  {check.run_dir}: would {check.decision}; nothing was written")
 
 
 def print_run_report(report: RunReport) -> None:
@@ -61,5 +73,11 @@ def register(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh over an existing run")
     p.add_argument("--init-from", help="VGG: initialise from a trained shallower VGG (configuration A) checkpoint")
     p.add_argument("--pretrained-file", help="local backbone weights (safetensors or state dict)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the recipe, read the data, build the model and decide start / resume / refuse, then stop "
+        "(nothing is written)",
+    )
     add_quiet(p)
     p.set_defaults(func=cmd_train)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from coarse2fine.config import quote
 from coarse2fine.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 def check_choice(value: str, choices: Sequence[str], what: str) -> str:
     """Raise ConfigError unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ConfigError(f"{what}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"{what}={quote(value)} is not valid; choose one of {', '.join(map(repr, choices))}")
     return value
 
 
@@ -148,6 +149,10 @@ def load_image(path: str | os.PathLike[str], mode: str = "RGB", alpha: str = "wh
         raise DataError(f"{path}: refused without decoding: {exc}") from None
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not an image file") from None
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied)") from None
     except UnidentifiedImageError:
         size = os.path.getsize(path) if os.path.exists(path) else -1
         what = "empty (zero-byte) file" if size == 0 else "not an image Pillow can identify"

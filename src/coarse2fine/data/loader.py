@@ -32,6 +32,7 @@ from coarse2fine.data.base import Skipped, resolve_memory
 from coarse2fine.errors import C2FError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
+MAX_WORKERS = 256  # loader processes per training process
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -232,8 +233,8 @@ class FileLoader(_Loader):
         **kw: Any,
     ) -> None:
         super().__init__(dataset, transform, **kw)
-        if workers < 0:
-            raise ConfigError(f"workers={workers} must be >= 0")
+        if not 0 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"data.workers={workers} must be in [0, {MAX_WORKERS}] (loader processes)")
         self.workers, self.timeout = workers, timeout
         self._loader = torch.utils.data.DataLoader(
             _Seeded(dataset, transform),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coarse2fine.config import quote
 from coarse2fine.data.base import ImageFileDataset, check_choice
 from coarse2fine.data.cub import _int, find_list_folder, read_image_lists, read_table
 from coarse2fine.errors import ConfigError, DataError
@@ -56,7 +57,7 @@ class NABirds(ImageFileDataset):
     ) -> None:
         check_choice(split, ("train", "test"), "split")
         if level != "parent" and not (isinstance(level, int) and level >= 1):
-            raise ConfigError(f"NABirds hierarchy level={level!r}: use 'parent' or a depth >= 1")
+            raise ConfigError(f"NABirds hierarchy level={quote(level)}: use 'parent' or a depth >= 1")
         folder = find_list_folder(root, self.DEFAULT_ROOTS, "nabirds", "NABirds")
         images, labels, flags = read_image_lists(folder)
         class_path, tree_path = folder / "classes.txt", folder / "hierarchy.txt"

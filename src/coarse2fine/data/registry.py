@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from coarse2fine.config import quote
 from coarse2fine.data.cifar import CIFAR10, CIFAR100
 from coarse2fine.data.cub import CUB200
 from coarse2fine.data.fashion_mnist import FashionMNIST
@@ -68,10 +69,10 @@ def load_dataset(
     ``alpha="drop"``; ``level`` for NABirds' reference hierarchy).
     """
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {quote(name)}; choose one of {', '.join(DATASETS)}")
     factory, in_memory = DATASETS[name]
     if label != "fine" and name != "cifar100":
-        raise ConfigError(f"label={label!r}: only cifar100 has coarse labels; dataset {name!r} has 'fine' only")
+        raise ConfigError(f"label={quote(label)}: only cifar100 has coarse labels; dataset {name!r} has 'fine' only")
     if in_memory:
         if options:
             raise ConfigError(f"dataset {name!r} takes no option(s) {', '.join(sorted(options))}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from coarse2fine.config import quote
 from coarse2fine.data.base import DatasetView, check_class_names, check_labels, subset
 from coarse2fine.errors import ConfigError, DataError
 
@@ -31,9 +32,9 @@ def stratified_split(
     """
     if per_class is None:
         if val_fraction is None or not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={val_fraction!r} must be in (0, 1)")
+            raise ConfigError(f"val_fraction={quote(val_fraction)} must be in (0, 1)")
     elif per_class < 1:
-        raise ConfigError(f"per_class={per_class!r} must be >= 1")
+        raise ConfigError(f"per_class={quote(per_class)} must be >= 1")
     source = getattr(dataset, "source", repr(dataset))
     classes = check_class_names(list(dataset.classes), source)
     targets = check_labels(dataset.targets, len(classes), source)
@@ -69,7 +70,7 @@ def limit(dataset: Any, n: int | None, *, seed: int = 0) -> Any:
     if n is None or n >= len(dataset):
         return dataset
     if n < 1:
-        raise ConfigError(f"limit={n!r} must be >= 1")
+        raise ConfigError(f"limit={quote(n)} must be >= 1")
     rng = np.random.default_rng(seed)
     targets = np.asarray(dataset.targets)
     # rank each image within its class in a random order; take the lowest ranks first

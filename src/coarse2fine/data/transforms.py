@@ -245,7 +245,10 @@ class ImageTransform(v2.Compose):
 
 def _check_scale(value: int, crop: int, what: str) -> None:
     if value < crop:
-        raise ConfigError(f"{what}={value} is smaller than the crop image_size={crop}; use a scale >= {crop}")
+        raise ConfigError(
+            f"data.{what}={value} is smaller than the crop image_size={crop}; use a scale >= {crop} "
+            f"(--set data.{what}={crop} or more)"
+        )
 
 
 def large_train_transform(
@@ -313,6 +316,9 @@ def eval_scale(train_scale: Sequence[int] | None, test_scale: int | None, image_
     return scale[0] if len(scale) == 1 else (scale[0] + scale[-1]) // 2
 
 
+MAX_SIDE = 8192  # pixels an image side is resized, cropped or padded to (at most)
+
+
 def build_transforms(
     stats: dict[str, Any],
     *,
@@ -333,6 +339,10 @@ def build_transforms(
     (fixed) or ``(S_min + S_max) // 2`` (jittered). ``auto_augment`` (``rand`` | ``trivial`` | None) is
     added to both training pipelines.
     """
+    sides = [("image_size", image_size), ("test_scale", test_scale), ("pad", pad)]
+    for what, v in sides + [("train_scale", s) for s in train_scale or []]:
+        if v is not None and v > MAX_SIDE:  # resizing or padding to it would exhaust memory at the first batch
+            raise ConfigError(f"data.{what}={v} is over {MAX_SIDE} pixels; --set data.{what}=... (at most {MAX_SIDE})")
     mean, std = stats["mean"], stats["std"]
     aa = {"auto_augment": auto_augment, "auto_augment_magnitude": auto_augment_magnitude}
     if in_memory:

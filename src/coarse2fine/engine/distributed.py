@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from coarse2fine.config import quote
 from coarse2fine.errors import ConfigError
 
 
@@ -35,7 +36,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError as exc:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from exc
+        raise ConfigError(f"environment variable {name}={quote(raw)} is not an integer") from exc
 
 
 def is_initialized() -> bool:

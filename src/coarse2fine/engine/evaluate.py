@@ -85,6 +85,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", du.local_rank())
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
+        raise ConfigError(f"train.device={device}: this machine has {have}; --set train.device=cpu (or auto)")
     return dev
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
-from coarse2fine.config import OptimConfig, ScheduleConfig
+from coarse2fine.config import OptimConfig, ScheduleConfig, quote
 from coarse2fine.errors import ConfigError
 
 
@@ -165,7 +165,10 @@ def build_scheduler(optimizer: Optimizer, cfg: ScheduleConfig, steps_per_epoch: 
     if name == "onecycle":
         pct = warmup / total if warmup > 0 else 0.3
         if not 0.0 < pct < 1.0:
-            raise ConfigError(f"schedule: warm-up of {warmup} steps leaves no room in {total} total steps")
+            raise ConfigError(
+                f"schedule: warm-up of {quote(warmup)} steps leaves no room in {total} total steps "
+                "(--set schedule.warmup_epochs=... or schedule.warmup_steps=... below that)"
+            )
         cycle_momentum = "momentum" in optimizer.defaults and optimizer.defaults.get("momentum", 0) > 0
         cycle_momentum = cycle_momentum or "betas" in optimizer.defaults
         sched = OneCycleLR(

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from coarse2fine.config import quote
 from coarse2fine.engine.objective import logits_of
 from coarse2fine.errors import ConfigError, ModelError
 
@@ -48,7 +49,7 @@ class ProtocolResult(NamedTuple):
 
 def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown test protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown test protocol {quote(protocol)}; valid: {', '.join(PROTOCOLS)}")
 
 
 def default_scales(crop: int, train_scale: Sequence[int] | None = None) -> list[int]:
@@ -198,7 +199,7 @@ def _resolve_scales(
         if min(scales) < min(r.crop):
             raise ConfigError(
                 f"eval.scales: test scale {min(scales)} is smaller than the crop {r.crop} of "
-                f"{type(r.model).__name__}; every Q must be at least the crop size"
+                f"{type(r.model).__name__}; every Q must be at least the crop size (--set eval.scales=[{max(r.crop)}])"
             )
     return scales
 

@@ -2,6 +2,7 @@
 
 Layout (docs/ARCHITECTURE.md, training contract)::
 
+    <root>/config.yaml                  the resolved recipe (when given), once the run was accepted
     <root>/checkpoints/last.pt          after every completed epoch (and once before the first)
     <root>/checkpoints/best.pt          the epoch with the best validation top-1
     <root>/checkpoints/epoch_XXX.pt     the last ``train.keep_checkpoints`` epochs
@@ -9,7 +10,9 @@ Layout (docs/ARCHITECTURE.md, training contract)::
     <root>/metrics.csv                  one row per completed epoch
     <root>/tb/                          TensorBoard scalars
 
-Only rank 0 writes; every write is atomic (``engine.checkpoint``).
+Only rank 0 writes; every write is atomic (``engine.checkpoint``). Nothing is written before ``open``
+has accepted the run (settings, data and model are built before ``fit`` opens the folder), so a refused
+run leaves an existing folder, its ``config.yaml`` included, as it was.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from coarse2fine.engine import distributed as du
@@ -62,25 +67,46 @@ class FitState:
         return False
 
 
+class RunChecked(Exception):  # not a C2FError: the outcome of a dry run, not a failure
+    """Raised by ``RunFolder.open`` in a dry run once the run was accepted, before anything is written;
+    ``decision`` says what a real run would do ("start", "resume after epoch 3", ...)."""
+
+    def __init__(self, decision: str) -> None:
+        super().__init__(decision)
+        self.decision = decision
+
+
 class RunFolder:
     """The directory ``root`` of one run and how ``fit`` opens it.
 
     ``resume``: continue from ``checkpoints/last.pt`` (a fresh start, with a warning, when there is none).
-    ``overwrite``: allow a fresh run over an existing ``last.pt`` (otherwise refused).
+    ``overwrite``: allow a fresh run over an existing ``last.pt`` (otherwise refused); the previous run's
+    files are removed once the new run was accepted.
     ``resume_hint``: the command that resumes this run (in the interrupted record and its error).
+    ``config``: the resolved recipe, written to ``config.yaml`` once ``open`` accepted the run.
+    ``dry_run``: ``open`` decides (and checks a checkpoint to resume), then raises ``RunChecked``.
     """
 
     def __init__(
-        self, root: str | Path, resume: bool = False, overwrite: bool = False, resume_hint: str | None = None
+        self,
+        root: str | Path,
+        resume: bool = False,
+        overwrite: bool = False,
+        resume_hint: str | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        dry_run: bool = False,
     ) -> None:
         self.root = Path(root)
         self.resume, self.overwrite, self.resume_hint = resume, overwrite, resume_hint
+        self.config, self.dry_run = config, dry_run
         self.checkpoints = self.root / "checkpoints"
         self.last = self.checkpoints / "last.pt"
         self.best = self.checkpoints / "best.pt"
         self.interrupted = self.checkpoints / "interrupted.json"
         self.metrics = self.root / "metrics.csv"
         self.tb = self.root / "tb"
+        self.config_file = self.root / "config.yaml"
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.root)!r}, resume={self.resume}, overwrite={self.overwrite})"
@@ -103,22 +129,69 @@ class RunFolder:
         """Start, resume or refuse: the checkpoint to resume from, or None for a fresh start.
 
         Every rank decides before rank 0 writes anything. Resuming checks that ``last.pt`` was trained
-        on ``classes`` with ``model``'s architecture and removes a stale interrupted record.
+        on ``classes`` with ``model``'s architecture and removes a stale interrupted record. A fresh start
+        over a ``last.pt`` is refused unless ``overwrite`` is set or that run never completed an epoch
+        (it stopped in its first one); then the previous run's files are removed. ``config.yaml`` is
+        written only here, after the run was accepted.
         """
+        if self.root.exists() and not self.root.is_dir():
+            raise CheckpointError(f"run folder {self.root} exists and is not a folder")
         have_last = self.started
         du.barrier()
         if self.resume and have_last:
             ckpt = load_checkpoint(self.last)
             check_compatible(ckpt, classes, model, self.last)
+            self._accept(f"resume after epoch {ckpt['epoch']}")
             log.info("resumed from %s after epoch %d", self.last, ckpt["epoch"])
             if du.is_main_process() and self.interrupted.exists():
                 self.interrupted.unlink()
+            self._write_config()
             return ckpt
+        replace = have_last and not self.resume
         if self.resume:
             log.warning("resume requested but %s does not exist: starting from scratch", self.last)
-        elif have_last and not self.overwrite:
-            raise CheckpointError(f"{self.last} already exists: resume that run, or choose another run name / out_dir")
+        elif replace and not self.overwrite:
+            if self._completed_epochs() != 0:
+                raise CheckpointError(
+                    f"{self.last} already exists: resume that run (--resume), start it afresh (--overwrite), "
+                    "or choose another run name / out_dir"
+                )
+            log.info("%s holds no completed epoch (that run stopped in its first epoch): starting afresh", self.last)
+        self._accept("start afresh, replacing the previous run" if replace else "start")
+        if replace:
+            self._remove_previous_run()
+        self._write_config()
         return None
+
+    def _accept(self, decision: str) -> None:
+        if self.dry_run:
+            raise RunChecked(decision)
+
+    def _completed_epochs(self) -> int | None:
+        """Epochs completed by the run in ``last.pt`` (None when it cannot be read)."""
+        try:
+            return int(load_checkpoint(self.last).get("epoch", -1))
+        except (CheckpointError, TypeError, ValueError):
+            return None
+
+    def _remove_previous_run(self) -> None:
+        """Rank 0 empties the folder of the run being replaced: checkpoints, metrics, TensorBoard events,
+        evaluation outputs. Only entries inside ``root`` are touched (a symbolic link is removed, never
+        followed); a sub-folder holding a run of its own (``checkpoints/last.pt`` or ``config.yaml``) is kept."""
+        if not du.is_main_process() or not self.root.is_dir():
+            return
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_symlink() or not entry.is_dir():
+                entry.unlink()
+            elif (entry / "checkpoints" / "last.pt").is_file() or (entry / "config.yaml").is_file():
+                log.warning("kept %s: it holds a run of its own", entry)
+            else:
+                shutil.rmtree(entry)
+        log.info("removed the previous run's files from %s", self.root)
+
+    def _write_config(self) -> None:
+        if self.config is not None and du.is_main_process():
+            atomic_write_text(self.config_file, yaml.safe_dump(dict(self.config), sort_keys=False))
 
     def save_last(self, state: Mapping[str, Any]) -> None:
         """``last.pt`` (rank 0)."""
@@ -153,7 +226,7 @@ class RunFolder:
         for rec in history:
             columns += [k for k in rec if k not in columns]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")  # csv's default is \r\n
         writer.writeheader()
         for rec in history:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in rec.items()})

@@ -323,7 +323,8 @@ def _apply_nan_policy(t: Training, loss: Tensor, epoch: int, i: int, n: int) -> 
         raise NonFiniteLossError(
             f"non-finite loss ({float(loss.detach()):.4g}) at epoch {epoch + 1}, step {i + 1} of "
             f"{n} (global step {t.state.global_step}); {t.run.last} holds the last good "
-            f"epoch ({t.state.epoch}); lower optim.lr, set train.grad_clip or train.nan_policy=skip"
+            f"epoch ({t.state.epoch}); lower the learning rate (--set optim.lr={t.setup.optim.lr / 10:g}), "
+            "clip gradients (--set train.grad_clip=1.0) or skip such steps (--set train.nan_policy=skip)"
         )
 
 
@@ -382,7 +383,11 @@ def fit(
     for section, where in ((setup.train, "train"), (setup.optim, "optim"), (setup.schedule, "schedule")):
         validate(section, where)  # settings built in Python get the checks a loaded recipe gets
     if len(train_loader) == 0:
-        raise ConfigError("the training loader yields no batch: data.batch_size is larger than the training split")
+        n = getattr(train_loader, "num_samples", None) or len(getattr(train_loader, "dataset", ()))
+        raise ConfigError(
+            f"the training loader yields no batch: data.batch_size is larger than the {n} training images "
+            f"(of this process); lower it, e.g. --set data.batch_size={max(1, n)}"
+        )
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.amp, device)
     apply_threads(cfg.threads)

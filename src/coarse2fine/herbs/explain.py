@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from coarse2fine.data import load_image as read_image
 from coarse2fine.errors import DataError, ModelError
 
 
@@ -195,18 +196,14 @@ def load_image(
     std: Sequence[float],
 ) -> tuple[Tensor, Tensor]:
     """Read an image file for ``explain``: shortest side resized to ``scale`` (default ``size``),
-    centre crop ``size``; returns (normalised image, image in [0, 1] for display)."""
-    from PIL import Image, UnidentifiedImageError
+    centre crop ``size``; returns (normalised image, image in [0, 1] for display).
+
+    Decoded by ``coarse2fine.data.load_image``, the one image opener: a missing file, a directory, a
+    corrupt file or one above the decompression-bomb limit (refused from its header) is a DataError
+    naming the path."""
     from torchvision.transforms import v2
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if in_chans == 1 else "RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image {str(path)!r} cannot be read: {exc}") from exc
+    img = read_image(path, mode="L" if in_chans == 1 else "RGB")
     to_float = v2.Compose(
         [
             v2.ToImage(),

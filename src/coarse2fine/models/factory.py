@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from coarse2fine.config import clip, quote
 from coarse2fine.errors import ModelError
 from coarse2fine.models.base import Backbone
 from coarse2fine.models.nin import NIN
@@ -62,10 +63,20 @@ def create_model(
     try:
         model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as exc:
-        raise ModelError(f"model {name!r}: bad keyword argument(s) {sorted(kwargs)}: {exc}") from exc
+        raise ModelError(f"model {quote(name)}: bad keyword argument(s) {clip(str(sorted(kwargs)))}: {exc}") from exc
+    except (ValueError, RuntimeError, OverflowError, ZeroDivisionError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        # a keyword value the layers refuse (a negative width, a size torch cannot allocate, ...)
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {name!r} cannot be built with {_shown(kwargs)}: {reason}") from exc
     if pretrained:
         load_vgg_pretrained(model, name, pretrained)  # type: ignore[arg-type]
     return model
+
+
+def _shown(kwargs: Mapping[str, Any]) -> str:
+    return clip(", ".join(f"{k}={quote(v, 60)}" for k, v in kwargs.items()))
 
 
 def model_summary(

@@ -104,6 +104,9 @@ def _make_stage(in_chans: int, convs: StageSpec, batch_norm: bool, lrn: bool, po
     return nn.Sequential(layers)
 
 
+MAX_FC1_WEIGHTS = 2**30  # 4 GiB in float32: ten times VGG-16's fc6 at 224
+
+
 class VGGHead(nn.Module):
     """Flatten, then ``fc1, relu1, drop1, ..., fc{n}``: FC-hidden x (len) then FC-num_classes."""
 
@@ -198,6 +201,13 @@ class VGG(Backbone):
             raise ModelError(f"VGG: input size {input_size} is too small for {sum(pools)} max-pools")
         self.feature_info = info
         self.final_map = (c, h, w)
+        fc1 = c * h * w * (list(hidden) or [num_classes])[0]
+        if fc1 > MAX_FC1_WEIGHTS:  # allocating it would take minutes or fail; nobody trains such a head
+            raise ModelError(
+                f"VGG: input size {input_size} gives a final map of {c}x{h}x{w}, so fc1 would hold {fc1:,} weights "
+                f"(over {MAX_FC1_WEIGHTS:,}; VGG-16 at 224 has 102,760,448): train at a smaller data.image_size "
+                "and evaluate larger images densely (to_dense)"
+            )
         self.head = VGGHead(c * h * w, hidden, num_classes, dropout)
         self.classifier_name = f"head.fc{len(self.head.hidden) + 1}"
         self.init = init or ("kaiming" if batch_norm else "glorot")

@@ -23,13 +23,14 @@ from coarse2fine.recipes.models import (
     build_hdcnn_model,
     build_model_and_objective,
 )
-from coarse2fine.recipes.train import RunReport, save_resolved_config, train_run
+from coarse2fine.recipes.train import RunCheck, RunReport, check_run, save_resolved_config, train_run
 from coarse2fine.recipes.trained import Trained, load_trained
 
 __all__ = [
     "METHODS",
     "DataBundle",
     "Loaders",
+    "RunCheck",
     "RunReport",
     "Trained",
     "build_backbone",
@@ -37,6 +38,7 @@ __all__ = [
     "build_hdcnn_model",
     "build_loaders",
     "build_model_and_objective",
+    "check_run",
     "eval_loader",
     "evaluate_protocol_on",
     "load_trained",

@@ -115,9 +115,10 @@ def build_datasets(cfg: RunConfig) -> DataBundle:
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     """``data.batch_size`` is the global batch: each of ``world_size`` processes gets a share."""
     if batch_size % world_size:
+        fits = max(1, batch_size // world_size) * world_size
         raise ConfigError(
-            f"data.batch_size={batch_size} is not divisible by the {world_size} processes; "
-            "it is the global batch, split evenly across processes"
+            f"data.batch_size={batch_size} is not divisible by the {world_size} processes; it is the global "
+            f"batch, split evenly across processes: e.g. --set data.batch_size={fits}"
         )
     return batch_size // world_size
 

@@ -12,6 +12,9 @@ Stages, each under ``runs/<name>/`` and skipped when its output exists (``resume
    consistency loss in ``finetune/`` (lr ``hdcnn.finetune_lr`` or ``optim.lr / 10``);
 5. ``hdcnn_report.json`` + ``beta_tradeoff.png`` — evaluation on the test split (recomputed each run).
 
+``config.yaml`` (the resolved recipe) is written once the data was read, the block built and a block
+checkpoint to reuse accepted: a refused run creates no folder and leaves an existing one as it was.
+
 An interrupted stage resumes from its ``checkpoints/last.pt``. Stage outputs are written atomically,
 so a crash never leaves a half-written one that a later run would skip to. Each stage output records
 the settings it was made with (``recipes.hdcnn_records``); a re-run whose settings differ for a stage it
@@ -61,6 +64,7 @@ from coarse2fine.recipes.hdcnn_records import (
 from coarse2fine.recipes.hdcnn_report import evaluate_hdcnn, reference_taxonomy
 from coarse2fine.recipes.hierarchy import learn_from_probs, write_hierarchy
 from coarse2fine.recipes.models import build_backbone, build_hdcnn_model
+from coarse2fine.recipes.train import save_resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +183,16 @@ def _save_on_main(state: dict[str, Any], path: Path) -> None:
     if du.is_main_process():
         save_checkpoint(state, path)
     du.barrier()
+
+
+def _check_block(cfg: RunConfig, bundle: DataBundle, paths: StagePaths, *, resume: bool) -> None:
+    """What stage 1 will refuse, checked before anything is written: the block must build and have
+    ``hdcnn.branch_stage``; a block checkpoint it would reuse must fit the classes and the architecture."""
+    block = build_backbone(cfg, len(bundle.classes), bundle.num_channels)
+    split_block(block, cfg.hdcnn.branch_stage)
+    source = cfg.hdcnn.block_checkpoint or (str(paths.block) if resume and paths.block.is_file() else None)
+    if source is not None:
+        check_compatible(load_checkpoint(source), list(bundle.classes), block, source)
 
 
 def stage_block(
@@ -391,14 +405,19 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
     apply_threads(cfg.train.threads)
     start = time.perf_counter()
     paths = StagePaths(cfg.run_dir)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     bundle = build_datasets(cfg)
     if cfg.hdcnn.num_coarse > len(bundle.classes):
-        raise ConfigError(f"hdcnn.num_coarse={cfg.hdcnn.num_coarse} exceeds the {len(bundle.classes)} classes")
+        raise ConfigError(
+            f"hdcnn.num_coarse={cfg.hdcnn.num_coarse} exceeds the {len(bundle.classes)} classes "
+            f"(--set hdcnn.num_coarse={len(bundle.classes)} or fewer)"
+        )
     info = du.init_distributed(device=cfg.train.device)  # under torchrun: data-parallel stages
     loaders = build_loaders(cfg, bundle, rank=info.rank, world_size=info.world_size)
     classes = list(bundle.classes)
+    _check_block(cfg, bundle, paths, resume=resume)  # before the first write: run folder, config.yaml
+    if du.is_main_process():
+        save_resolved_config(cfg, paths.run_dir)
 
     pre = pretrain_stages(cfg, bundle, loaders, paths, resume=resume, progress=progress)
     h, model = pre.hierarchy, pre.model
