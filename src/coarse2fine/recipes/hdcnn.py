@@ -186,13 +186,28 @@ def _save_on_main(state: dict[str, Any], path: Path) -> None:
 
 
 def _check_block(cfg: RunConfig, bundle: DataBundle, paths: StagePaths, *, resume: bool) -> None:
-    """What stage 1 will refuse, checked before anything is written: the block must build and have
-    ``hdcnn.branch_stage``; a block checkpoint it would reuse must fit the classes and the architecture."""
+    """What the stages will refuse, checked before anything is written: the block must build and have
+    ``hdcnn.branch_stage``; a block checkpoint it would reuse must fit the classes, the architecture and
+    the split; every finished stage file a resumed run would reuse must match this run's settings."""
     block = build_backbone(cfg, len(bundle.classes), bundle.num_channels)
     split_block(block, cfg.hdcnn.branch_stage)
     source = cfg.hdcnn.block_checkpoint or (str(paths.block) if resume and paths.block.is_file() else None)
     if source is not None:
-        check_compatible(load_checkpoint(source), list(bundle.classes), block, source)
+        ckpt = load_checkpoint(source)
+        check_compatible(ckpt, list(bundle.classes), block, source)
+        if cfg.hdcnn.block_checkpoint:
+            check_block_split(cfg, ckpt.get("config"), source)
+    if not resume:
+        return
+    stage_files = [] if cfg.hdcnn.block_checkpoint else [(paths.block, block_record)]
+    stage_files += [(paths.hierarchy, hierarchy_record)]  # in pipeline order: the first stage that differs is named
+    num_coarse = Hierarchy.load(paths.hierarchy).num_coarse if paths.hierarchy.is_file() else cfg.hdcnn.num_coarse
+    stage_files += [(paths.fine(k), fine_record) for k in range(num_coarse)]
+    stage_files += [(paths.init, init_record), (paths.final, final_record)]
+    for path, record in stage_files:
+        if path.is_file():
+            stored = Hierarchy.load(path).meta if path == paths.hierarchy else load_checkpoint(path)
+            check_stage_reuse(path, stored.get(STAGE_SETTINGS), record(cfg), warn=False)
 
 
 def stage_block(

@@ -112,13 +112,15 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
     return [f"{k} = {saved[k]!r} there, {v!r} now" for k, v in current.items() if k in saved and saved[k] != v]
 
 
-def check_stage_reuse(path: str | Path, saved: Any, current: Mapping[str, Any]) -> None:
+def check_stage_reuse(path: str | Path, saved: Any, current: Mapping[str, Any], *, warn: bool = True) -> None:
     """Reusing the finished stage file ``path`` (recorded settings ``saved``) for settings ``current``.
 
     Differences are a ConfigError naming each setting with both values and the remedy; a file written
     before stages recorded their settings (``saved`` None) is reused with a warning.
     """
     if not isinstance(saved, Mapping):
+        if not warn:
+            return
         log.warning(
             "HD-CNN: reusing %s, written before stage files recorded their settings: it cannot be checked "
             "against this run's (c2f hdcnn fit --restart retrains every stage)",
