@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,16 @@ def test_unknown_config_key_exits_2(fmnist_root: Path, tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert "epochz" in err and "epochs" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_missing_logger_package_exits_2_and_writes_nothing(
+    fmnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as when it is not installed
+    assert main(_train_args(fmnist_root, tmp_path, "wb", "--set", "train.loggers=[csv, wandb]")) == 2
+    err = capsys.readouterr().err
+    assert "train.loggers" in err and "pip install wandb" in err
+    assert not (tmp_path / "wb").exists()
 
 
 def test_unknown_model_name_exits_2(fmnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,8 +51,8 @@ def _choices(tp: Any) -> tuple[tuple[str, ...], bool] | None:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is Literal:
         return typing.get_args(tp), False
-    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
-        return typing.get_args(args[0]), True
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal and typing.get_origin(tp) is not list:
+        return typing.get_args(args[0]), True  # (a list of Literals, e.g. train.loggers: tests/test_loggers.py)
     return None
 
 

@@ -52,6 +52,8 @@ BasicVariant = Literal["bs", "refine"]
 CombinerPool = Literal["linear", "attention"]
 AutoAugment = Literal["rand", "trivial"]
 BestOn = Literal["model", "ema"]
+LoggerName = Literal["csv", "tensorboard", "mlflow", "wandb"]
+WandbMode = Literal["offline", "online", "disabled"]
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 # out_dir/<name> stays one folder inside out_dir (a run started over with --overwrite empties it)
@@ -244,7 +246,7 @@ class TrainConfig:
     device: str = setting("auto", pattern=(DEVICE_PATTERN, "auto, cpu, cuda or cuda:N"))
     grad_clip: float | None = setting(None, gt=0)  # max gradient norm; None: no clipping
     nan_policy: NanPolicy = "stop"  # a non-finite loss stops the run, or its step is skipped
-    log_every: int = setting(50, ge=0)  # steps between TensorBoard scalars; 0: none
+    log_every: int = setting(50, ge=0)  # steps between step scalars (loss, lr) of the loggers; 0: none
     compile: bool = False
     threads: int | None = setting(None, ge=1, le=1024)  # torch.set_num_threads; None: leave as is
     keep_checkpoints: int = setting(3, ge=0)  # per-epoch checkpoints/epoch_XXX.pt kept besides last.pt, best.pt
@@ -252,10 +254,18 @@ class TrainConfig:
     ema_decay: float | None = setting(None, gt=0, lt=1)  # EMA of the weights (timm ModelEmaV3); None: off
     ema_warmup: bool = False  # EMA decay ramps up over the first steps (timm's warm-up)
     best_on: BestOn = "model"  # which weights best.pt holds (chosen on their validation top-1): model | ema
+    # loggers (engine.callbacks): csv, tensorboard, mlflow (pip install mlflow-skinny), wandb (pip install wandb)
+    loggers: list[LoggerName] = setting(factory=lambda: ["csv", "tensorboard"])
+    mlflow_uri: str | None = None  # MLflow tracking URI; None: a file store in the run folder (<run>/mlruns)
+    experiment: str | None = None  # MLflow experiment / W&B project; None: the run's name
+    wandb_mode: WandbMode = "offline"  # offline: files under <run>/wandb, sync later with `wandb sync`
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.best_on == "ema" and self.ema_decay is None:
             yield "best_on", "'ema' needs train.ema_decay (e.g. 0.9998); set it, or best_on model"
+        twice = sorted({name for name in self.loggers if self.loggers.count(name) > 1})
+        if twice:
+            yield "loggers", f"{', '.join(twice)} named more than once; name each logger once"
 
 
 @dataclass

@@ -1,6 +1,14 @@
 """Training and evaluation of any model through one interface (docs/ARCHITECTURE.md, training contract)."""
 
-from coarse2fine.engine.callbacks import Callback, CSVLogger, TensorBoardLogger, default_callbacks
+from coarse2fine.engine.callbacks import (
+    Callback,
+    CSVLogger,
+    LogSettings,
+    MLflowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+    default_callbacks,
+)
 from coarse2fine.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from coarse2fine.engine.evaluate import EvalResult, evaluate, predict_proba, save_eval_artifacts
 from coarse2fine.engine.objective import CrossEntropyObjective, Objective
@@ -16,11 +24,14 @@ __all__ = [
     "FitResult",
     "FitSetup",
     "FitState",
+    "LogSettings",
+    "MLflowLogger",
     "NonFiniteLossError",
     "Objective",
     "RunFolder",
     "TensorBoardLogger",
     "TrainingInterrupted",
+    "WandbLogger",
     "build_optimizer",
     "build_scheduler",
     "check_compatible",

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from coarse2fine.config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, to_dict, validate
 from coarse2fine.data.transforms import train_batch_transform
 from coarse2fine.engine import distributed as du
-from coarse2fine.engine.callbacks import Callback, default_callbacks
+from coarse2fine.engine.callbacks import Callback, LogSettings, default_callbacks
 from coarse2fine.engine.checkpoint import plain_data, rng_state, set_rng_state
 from coarse2fine.engine.evaluate import (
     EvalResult,
@@ -377,7 +377,8 @@ def fit(
 ) -> FitResult:
     """Train ``model`` for ``setup.train.epochs`` epochs, validating and checkpointing each in ``run``.
 
-    ``callbacks``: the hooks to call (None: ``default_callbacks(run)``, metrics.csv and TensorBoard).
+    ``callbacks``: the hooks to call (None: the loggers of ``train.loggers``, built before the run folder
+    is opened, so a logger whose package is missing fails before anything is written).
     """
     cfg = setup.train
     for section, where in ((setup.train, "train"), (setup.optim, "optim"), (setup.schedule, "schedule")):
@@ -391,7 +392,7 @@ def fit(
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.amp, device)
     apply_threads(cfg.threads)
-    callbacks = default_callbacks(run) if callbacks is None else list(callbacks)
+    callbacks = default_callbacks(run, cfg.loggers, log_settings(setup)) if callbacks is None else list(callbacks)
 
     with _determinism(cfg.deterministic, device), _StopRequest() as stop:
         model.to(device)
@@ -428,6 +429,14 @@ def fit(
                 if asked and epoch + 1 < cfg.epochs:  # a signal during validation or saving
                     raise _interrupted(t, epoch + 2)
     return FitResult(t.state.best_epoch, t.state.best_metric, t.state.history, run)
+
+
+def log_settings(setup: FitSetup) -> LogSettings:
+    """The loggers' settings: ``train.mlflow_uri``, ``experiment``, ``wandb_mode``; as parameters the resolved
+    recipe (``setup.config``), with the ``train``, ``optim`` and ``schedule`` sections of ``setup``."""
+    sections = {"train": to_dict(setup.train), "optim": to_dict(setup.optim), "schedule": to_dict(setup.schedule)}
+    cfg = setup.train
+    return LogSettings(cfg.mlflow_uri, cfg.experiment, cfg.wandb_mode, {**sections, **setup.config})
 
 
 def _ema_of(model: nn.Module, cfg: TrainConfig) -> Any:
