@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -139,6 +140,23 @@ def test_missing_logger_package_exits_2_and_writes_nothing(
     err = capsys.readouterr().err
     assert "train.loggers" in err and "pip install wandb" in err
     assert not (tmp_path / "wb").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
+def test_mlflow_logger_of_a_recipe_stores_its_config_in_the_run_folder(
+    fmnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient  # optional dependency
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert main(_train_args(fmnist_root, tmp_path, "mlf", "--set", "train.loggers=[csv, mlflow]")) == 0
+    client = MlflowClient(tracking_uri=(tmp_path / "mlf" / "mlruns").as_uri())  # the default store
+    experiment = client.get_experiment_by_name("mlf")  # the run's name
+    (logged,) = client.search_runs([experiment.experiment_id])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["name"] == "mlf" and logged.data.params["optim.lr"] == "0.05"
+    assert {"config.yaml", "metrics.csv", "checkpoints"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert len(client.get_metric_history(logged.info.run_id, "val_top1")) == 2
 
 
 def test_unknown_model_name_exits_2(fmnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

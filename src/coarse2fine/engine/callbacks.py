@@ -217,10 +217,8 @@ class MLflowLogger(Callback):
         try:
             for path, folder in self.artifacts():
                 self.client.log_artifact(run_id, str(path), folder)
-        except Exception as exc:  # the run still ends, with its status
-            if error is None:
-                raise
-            log.warning("MLflow: could not store the artifacts of failed run %s: %s", run_id, exc)
+        except Exception as exc:  # the run still ends, with its status; the files stay in the run folder
+            log.warning("MLflow: could not store the artifacts of run %s: %s", run_id, exc)
         finally:
             self.client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
 
@@ -275,10 +273,8 @@ class WandbLogger(Callback):
             for path in [self.run.metrics, self.run.config_file, *sorted(self.run.root.glob("*.png"))]:
                 if path.is_file():
                     wb.save(str(path), base_path=str(self.run.root), policy="now")
-        except Exception as exc:
-            if error is None:
-                raise
-            log.warning("W&B: could not store the files of the failed run: %s", exc)
+        except Exception as exc:  # the run still ends; the files stay in the run folder
+            log.warning("W&B: could not store the files of the run: %s", exc)
         finally:
             wb.finish(exit_code=1 if error is not None else 0)
 
