@@ -60,6 +60,16 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs
         raise ModelError(f"model {name!r}: bad keyword argument(s) {sorted(kwargs)}: {exc}") from exc
 
 
+def default_input_size(name: str, in_chans: int = 3, **kwargs: Any) -> tuple[int, int, int] | None:
+    """The ``(C, H, W)`` input model ``name`` is built for with ``kwargs`` (ours: ``input_size``, default the
+    model's; timm: ``img_size`` or the pretrained config's), read from a copy on the meta device (no memory).
+    None for a registered model without ``default_input_size``."""
+    with torch.device("meta"):
+        model = create_model(name, num_classes=2, in_chans=in_chans, **kwargs)
+    size = getattr(model, "default_input_size", None)
+    return tuple(int(v) for v in size) if size is not None else None  # type: ignore[return-value]
+
+
 def model_summary(
     name: str, num_classes: int = 1000, in_chans: int = 3, input_size: tuple[int, int] | int | None = None,
     **kwargs: Any,

@@ -16,7 +16,7 @@ from coarse2fine.engine import EvalResult, FitSetup, RunFolder, evaluate, fit, s
 from coarse2fine.engine import distributed as du
 from coarse2fine.engine.checkpoint import atomic_write_json, atomic_write_text
 from coarse2fine.engine.evaluate import apply_threads
-from coarse2fine.recipes.data import build_datasets, build_loaders
+from coarse2fine.recipes.data import build_datasets, build_loaders, save_split
 from coarse2fine.recipes.models import build_model_and_objective
 from coarse2fine.recipes.trained import load_trained
 
@@ -68,7 +68,7 @@ def train_run(
     """Train ``cfg`` (on every process of a torchrun launch) and evaluate ``best`` on the test split."""
     apply_threads(cfg.train.threads)
     info = du.init_distributed(device=cfg.train.device)
-    bundle = build_datasets(cfg)
+    bundle = build_datasets(cfg, run_dir=cfg.run_dir if resume else None, progress=progress and du.is_main_process())
     loaders = build_loaders(cfg, bundle, rank=info.rank, world_size=info.world_size)
     facts = bundle.facts()
     model, objective = build_model_and_objective(cfg, facts)
@@ -76,6 +76,7 @@ def train_run(
     run = RunFolder(run_dir, resume=resume, overwrite=overwrite, resume_hint=resume_hint)
     if du.is_main_process() and (resume or overwrite or not run.started):  # else fit refuses; keep the old config
         save_resolved_config(cfg, run_dir)
+        save_split(bundle, run_dir)
     setup = FitSetup.from_run_config(cfg, bundle.classes, facts.to_dict(), progress=progress)
     result = fit(model, objective, loaders.train, loaders.val, setup, run)
     test_result = None
