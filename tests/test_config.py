@@ -87,7 +87,11 @@ def test_a_value_outside_a_literal_names_the_key_and_the_choices(
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"{key}=bogus"])
     assert str(err.value) == expected
-    needs = {("data.label", "coarse"): ["data.name=cifar100"], ("train.best_on", "ema"): ["train.ema_decay=0.999"]}
+    needs = {
+        ("data.label", "coarse"): ["data.name=cifar100"],
+        ("train.best_on", "ema"): ["train.ema_decay=0.999"],
+        ("data.cache", "on"): ["data.name=folder"],
+    }
     for choice in choices:  # every choice loads (YAML 1.1 reads `off` as false: still the string "off")
         cfg = load_config(None, [f"{key}={choice}", *needs.get((key, choice), [])])
         section, _, name = key.rpartition(".")
@@ -169,6 +173,9 @@ def test_every_declared_range_is_checked_at_load(key: str, bounds: Range) -> Non
         (["data.image_size=224", "data.train_scale=[200, 512]"], r"data\.train_scale: S=200 is smaller than the crop"),
         (["data.image_size=224", "data.test_scale=200"], r"data\.test_scale: Q=200 is smaller than the crop"),
         (["data.label=coarse"], r"data\.label: 'coarse' exists for data\.name=cifar100 only, not 'fashion_mnist'"),
+        (["data.test_fraction=0.1"], r"data\.test_fraction: applies to data\.name=folder only, not 'fashion_mnist'"),
+        (["data.split_file=s.csv"], r"data\.split_file: applies to data\.name=folder only"),
+        (["data.cache=on"], r"data\.cache: 'on' applies to data\.name=folder only"),
         (["eval.scales=[]"], r"eval\.scales: give at least one test scale Q"),
         (["herbs.num_selects=[2.5]"], r"herbs\.num_selects\[0\]: 2\.5 is neither a token count"),
         (["herbs.use_bottom_up=false"], r"herbs\.use_refinement: needs herbs\.use_bottom_up"),
@@ -260,6 +267,7 @@ def test_lower_layers_know_the_same_choices() -> None:
     arguments from Python stay the same."""
     from coarse2fine import config as C
     from coarse2fine.data.base import BAD_IMAGE_POLICIES
+    from coarse2fine.data.cache import CACHE_MODES
     from coarse2fine.data.registry import DATASETS
     from coarse2fine.data.transforms import AUTO_AUGMENTS
     from coarse2fine.engine.protocols import PROTOCOLS
@@ -274,6 +282,7 @@ def test_lower_layers_know_the_same_choices() -> None:
     pairs = [
         (C.DatasetName, DATASETS),
         (C.BadImages, BAD_IMAGE_POLICIES),
+        (C.CacheMode, CACHE_MODES),
         (C.TestProtocol, PROTOCOLS),
         (C.FineExec, FINE_EXEC),
         (C.CombinerPool, POOLS),

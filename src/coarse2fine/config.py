@@ -35,6 +35,7 @@ Method = Literal["plain", "herbs", "hdcnn"]
 DatasetName = Literal["fashion_mnist", "cifar100", "cifar10", "cub", "nabirds", "folder"]
 LabelLevel = Literal["fine", "coarse"]
 BadImages = Literal["error", "skip"]
+CacheMode = Literal["auto", "on", "off"]
 Init = Literal["paper", "kaiming", "glorot"]
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["plateau", "cosine", "onecycle", "constant"]
@@ -152,7 +153,7 @@ class DataConfig:
     root: str | None = None  # None: the dataset's default location (folder: required, --set data.root=...)
     val_fraction: float = setting(0.1, gt=0, lt=1)  # stratified held-out part of the training set
     label: LabelLevel = "fine"  # coarse: cifar100 only
-    image_size: int | None = setting(None, ge=1)  # crop fed to the network; None: dataset default (28, 32, 224)
+    image_size: int | None = setting(None, ge=1)  # crop fed to the network; None: from the data or the model
     train_scale: list[int] | None = setting(None, ge=1)  # [S] fixed or [S_min, S_max] jittered (large images)
     test_scale: int | None = setting(None, ge=1)  # Q for the centre crop; None: S (or (S_min+S_max)/2)
     pad: int = setting(4, ge=0)  # small images: zero padding before the random crop
@@ -164,6 +165,13 @@ class DataConfig:
     bad_images: BadImages = "error"  # file datasets: an unreadable image stops the run, or is skipped
     limit_train: int | None = setting(None, ge=1)  # use only this many training images (quick runs)
     limit_test: int | None = setting(None, ge=1)
+    # folder datasets (METHODS.md §4 "Class-per-folder trees")
+    test_fraction: float | None = setting(None, gt=0, lt=1)  # a tree without test/: stratified test part (seed)
+    split_file: str | None = None  # CSV path,label,split (train|test), paths relative to root; beats test_fraction
+    follow_external_links: bool = False  # follow symbolic links that lead out of data.root
+    cache: CacheMode = "auto"  # decode small images once into a uint8 array; auto: one size <= 64 px
+    cache_dir: str | None = None  # None: $C2F_CACHE_DIR or ~/.cache/coarse2fine/folders
+
     # augmentation (timm/torchvision)
     auto_augment: AutoAugment | None = None  # torchvision v2 RandAugment | TrivialAugmentWide; None: off
     auto_augment_magnitude: int = setting(9, ge=0, le=30)  # RandAugment magnitude (bin of 31)
@@ -189,6 +197,11 @@ class DataConfig:
             yield "test_scale", f"Q={self.test_scale} is smaller than the crop data.image_size={self.image_size}"
         if self.label == "coarse" and self.name != "cifar100":
             yield "label", f"'coarse' exists for data.name=cifar100 only, not {self.name!r}; --set data.label=fine"
+        for key in ("test_fraction", "split_file"):
+            if getattr(self, key) is not None and self.name != "folder":
+                yield key, f"applies to data.name=folder only, not {self.name!r}; remove it"
+        if self.cache == "on" and self.name != "folder":
+            yield "cache", f"'on' applies to data.name=folder only ({self.name!r} is read as it is); use auto or off"
 
 
 @dataclass

@@ -22,7 +22,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for t in trained[1:]:
         check_classes(t.classes, first.classes, f"checkpoint {str(t.path)!r}", other=f"checkpoint {str(first.path)!r}")
     cfg = with_overrides(first.cfg, args.overrides)
-    bundle = build_datasets(cfg)
+    bundle = build_datasets(cfg, run_dir=first.run_dir, progress=not args.quiet)
     check_classes(first.classes, bundle.classes, f"checkpoint {str(first.path)!r}", other=f"dataset {cfg.data.name!r}")
     dataset = {"test": bundle.test, "val": bundle.val}[args.split]
     out = Path(args.out) if args.out else first.path.parent.parent / "eval"

@@ -130,7 +130,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "not written by c2f hdcnn fit"
         )
     h = Hierarchy.from_dict(trained.facts.hdcnn.hierarchy, source=args.checkpoint)
-    bundle = build_datasets(cfg)
+    bundle = build_datasets(cfg, run_dir=trained.run_dir, progress=not args.quiet)
     check_classes(trained.classes, bundle.classes, f"checkpoint {args.checkpoint!r}")
     betas = args.beta if args.beta is not None else cfg.hdcnn.beta_sweep
     report = evaluate_hdcnn(

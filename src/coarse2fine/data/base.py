@@ -189,6 +189,7 @@ class InMemoryDataset(torch.utils.data.Dataset):
         self.reference_hierarchy = reference_hierarchy
         self.num_channels = int(images.shape[1])
         self.default_image_size = int(images.shape[2])
+        self.skipped: dict[str, str] = {}  # files left out when the images were decoded (folder cache)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -29,6 +29,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from coarse2fine.data.base import Skipped, resolve_memory
+from coarse2fine.data.transforms import PerImage
 from coarse2fine.errors import C2FError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -300,8 +301,9 @@ def build_loader(
 ) -> InMemoryLoader | FileLoader:
     """A loader for ``dataset`` (see the module docstring and ARCHITECTURE.md "Loader contract").
 
-    ``transform`` is a batched transform (``transform.batched``, e.g. BatchAugment) for in-memory datasets,
-    or a per-image transform. ``timeout`` (seconds) bounds the wait for one batch from a worker.
+    ``transform`` is a batched transform (``transform.batched``, e.g. BatchAugment) for in-memory datasets
+    (applied one image at a time, :class:`~coarse2fine.data.transforms.PerImage`, to a file dataset), or a
+    per-image transform. ``timeout`` (seconds) bounds the wait for one batch from a worker.
     """
     common = dict(
         batch_size=batch_size,
@@ -315,6 +317,6 @@ def build_loader(
     )
     if getattr(dataset, "in_memory", False) and (transform is None or getattr(transform, "batched", False)):
         return InMemoryLoader(dataset, transform, **common)
-    if getattr(transform, "batched", False):
-        raise ConfigError(f"a batched transform ({transform!r}) needs an in-memory dataset, got {dataset!r}")
+    if getattr(transform, "batched", False):  # small images read from files: the same augmentation per image
+        transform = PerImage(transform)
     return FileLoader(dataset, transform, workers=workers, timeout=timeout, mp_context=mp_context, **common)

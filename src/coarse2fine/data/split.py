@@ -81,3 +81,29 @@ def limit(dataset: Any, n: int | None, *, seed: int = 0) -> Any:
         rank[members] = np.arange(members.size)
     chosen = np.lexsort((rng.random(targets.size), rank))[:n]
     return subset(dataset, np.sort(chosen))
+
+
+def carve_test(targets: Any, classes: list[str], fraction: float, *, seed: int = 0, source: str = "data") -> np.ndarray:
+    """A stratified, seeded test part of a tree that has none: a boolean mask, True for test images.
+
+    Each class ``c`` with ``n_c`` images gives ``round(fraction * n_c)`` of them (drawn with
+    ``np.random.default_rng([seed, 1])``). A class left with no test image or no training image is a
+    DataError naming it, its count and ``data.test_fraction``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"data.test_fraction={fraction!r} must be in (0, 1)")
+    targets = check_labels(targets, len(classes), source)
+    rng = np.random.default_rng([seed, 1])
+    test = np.zeros(targets.size, dtype=bool)
+    for c, name in enumerate(classes):
+        members = np.flatnonzero(targets == c)
+        n = members.size
+        k = int(np.floor(fraction * n + 0.5))
+        if k == 0 or k == n:
+            side = "no test image" if k == 0 else "no training image"
+            raise DataError(
+                f"{source}: data.test_fraction={fraction:g} leaves class {name!r} ({n} image(s)) with {side}; "
+                f"give it more images, choose another data.test_fraction, or give data.split_file"
+            )
+        test[rng.permutation(members)[:k]] = True
+    return test

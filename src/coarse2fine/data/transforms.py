@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from coarse2fine.config import DataConfig
 from coarse2fine.data.base import Skipped, resolve_memory
@@ -219,6 +221,24 @@ def train_batch_transform(
         switch_prob=data.mix_switch_prob,
         label_smoothing=label_smoothing,
     )
+
+
+class PerImage:
+    """A batched transform (:class:`BatchAugment`) applied to one image: a PIL image or uint8 ``(C, H, W)``
+    tensor of a file dataset of small images, so it gets the augmentation of the in-memory path. Its
+    randomness comes from torch's default generator, which the file loader seeds per image."""
+
+    batched = False
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        x = pil_to_tensor(img) if isinstance(img, Image.Image) else torch.as_tensor(img)
+        return self.transform(x[None])[0]
+
+    def __repr__(self) -> str:
+        return f"PerImage({self.transform!r})"
 
 
 class PCAColorShift:

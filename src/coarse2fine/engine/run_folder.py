@@ -83,7 +83,8 @@ class RunFolder:
     ``overwrite``: allow a fresh run over an existing ``last.pt`` (otherwise refused); the previous run's
     files are removed once the new run was accepted.
     ``resume_hint``: the command that resumes this run (in the interrupted record and its error).
-    ``config``: the resolved recipe, written to ``config.yaml`` once ``open`` accepted the run.
+    ``config``: the resolved recipe, written to ``config.yaml`` once ``open`` accepted the run; ``files``:
+    other text files written beside it then (name -> content, e.g. the data split ``split.csv``).
     ``dry_run``: ``open`` decides (and checks a checkpoint to resume), then raises ``RunChecked``.
     """
 
@@ -95,11 +96,12 @@ class RunFolder:
         resume_hint: str | None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        files: Mapping[str, str] | None = None,
         dry_run: bool = False,
     ) -> None:
         self.root = Path(root)
         self.resume, self.overwrite, self.resume_hint = resume, overwrite, resume_hint
-        self.config, self.dry_run = config, dry_run
+        self.config, self.files, self.dry_run = config, dict(files or {}), dry_run
         self.checkpoints = self.root / "checkpoints"
         self.last = self.checkpoints / "last.pt"
         self.best = self.checkpoints / "best.pt"
@@ -190,8 +192,12 @@ class RunFolder:
         log.info("removed the previous run's files from %s", self.root)
 
     def _write_config(self) -> None:
-        if self.config is not None and du.is_main_process():
+        if not du.is_main_process():
+            return
+        if self.config is not None:
             atomic_write_text(self.config_file, yaml.safe_dump(dict(self.config), sort_keys=False))
+        for name, text in self.files.items():
+            atomic_write_text(self.root / name, text)
 
     def save_last(self, state: Mapping[str, Any]) -> None:
         """``last.pt`` (rank 0)."""

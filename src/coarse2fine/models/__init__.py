@@ -3,6 +3,7 @@
 from coarse2fine.models.base import Backbone, StageInfo
 from coarse2fine.models.factory import (
     create_model,
+    default_input_size,
     list_models,
     load_pretrained_file,
     model_summary,
@@ -22,6 +23,7 @@ __all__ = [
     "StageInfo",
     "TimmBackbone",
     "create_model",
+    "default_input_size",
     "init_from_shallower",
     "init_weights",
     "list_models",

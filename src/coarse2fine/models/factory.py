@@ -79,6 +79,16 @@ def _shown(kwargs: Mapping[str, Any]) -> str:
     return clip(", ".join(f"{k}={quote(v, 60)}" for k, v in kwargs.items()))
 
 
+def default_input_size(name: str, in_chans: int = 3, **kwargs: Any) -> tuple[int, int, int] | None:
+    """The ``(C, H, W)`` input model ``name`` is built for with ``kwargs`` (ours: ``input_size``, default the
+    model's; timm: ``img_size`` or the pretrained config's), read from a copy on the meta device (no memory).
+    None for a registered model without ``default_input_size``."""
+    with torch.device("meta"):
+        model = create_model(name, num_classes=2, in_chans=in_chans, **kwargs)
+    size = getattr(model, "default_input_size", None)
+    return tuple(int(v) for v in size) if size is not None else None  # type: ignore[return-value]
+
+
 def model_summary(
     name: str, num_classes: int = 1000, in_chans: int = 3, input_size: tuple[int, int] | int | None = None,
     **kwargs: Any,

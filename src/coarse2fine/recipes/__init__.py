@@ -7,14 +7,18 @@ staged pipeline) with ``hdcnn_report``, ``hierarchy`` (learning the category hie
 """
 
 from coarse2fine.recipes.data import (
+    SPLIT_CSV,
     DataBundle,
     Loaders,
     build_datasets,
     build_loaders,
     eval_loader,
     evaluate_protocol_on,
+    fixed_split,
     native_loader,
     per_rank_batch,
+    resolve_image_size,
+    save_split,
     transforms_for,
 )
 from coarse2fine.recipes.models import (
@@ -28,6 +32,7 @@ from coarse2fine.recipes.trained import Trained, load_trained
 
 __all__ = [
     "METHODS",
+    "SPLIT_CSV",
     "DataBundle",
     "Loaders",
     "RunCheck",
@@ -41,10 +46,13 @@ __all__ = [
     "check_run",
     "eval_loader",
     "evaluate_protocol_on",
+    "fixed_split",
     "load_trained",
     "native_loader",
     "per_rank_batch",
+    "resolve_image_size",
     "save_resolved_config",
+    "save_split",
     "train_run",
     "transforms_for",
 ]

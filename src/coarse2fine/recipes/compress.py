@@ -129,7 +129,7 @@ def compress_checkpoint(req: CompressRequest) -> CompressResult:
     model.to(device)
     accuracy: dict[str, dict[str, float]] = {}
     if req.evaluate:
-        bundle = build_datasets(trained.cfg)
+        bundle = build_datasets(trained.cfg, run_dir=trained.run_dir, progress=req.progress)
         check_classes(trained.classes, bundle.classes, f"checkpoint {req.checkpoint!r}")
         loader = build_loaders(trained.cfg, bundle).test
         accuracy["before"] = _test_accuracy(trained, loader, "before", req.progress)

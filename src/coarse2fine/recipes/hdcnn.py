@@ -50,7 +50,7 @@ from coarse2fine.errors import ConfigError, HierarchyError
 from coarse2fine.facts import HDCNNFacts, RunFacts
 from coarse2fine.hdcnn import HDCNN, HDCNNObjective, plot_tradeoff, split_block
 from coarse2fine.hierarchy import Hierarchy, coarse_targets
-from coarse2fine.recipes.data import DataBundle, Loaders, build_datasets, build_loaders
+from coarse2fine.recipes.data import DataBundle, Loaders, build_datasets, build_loaders, save_split
 from coarse2fine.recipes.hdcnn_records import (
     STAGE_SETTINGS,
     block_record,
@@ -215,7 +215,7 @@ def stage_block(
 ) -> tuple[nn.Module, str]:
     """Stage 1: the trained building block (weights loaded) and where it came from."""
     classes = list(bundle.classes)
-    block = build_backbone(cfg, len(classes), bundle.num_channels)
+    block = build_backbone(cfg, len(classes), bundle.num_channels, image_size=bundle.image_size)
     split_block(block, cfg.hdcnn.branch_stage)  # a wrong branch stage fails before any training
     source = cfg.hdcnn.block_checkpoint or (str(paths.block) if resume and paths.block.is_file() else None)
     if source is not None:
@@ -421,7 +421,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
     start = time.perf_counter()
     paths = StagePaths(cfg.run_dir)
     torch.manual_seed(cfg.seed)
-    bundle = build_datasets(cfg)
+    bundle = build_datasets(cfg, run_dir=cfg.run_dir if resume else None, progress=progress)
     if cfg.hdcnn.num_coarse > len(bundle.classes):
         raise ConfigError(
             f"hdcnn.num_coarse={cfg.hdcnn.num_coarse} exceeds the {len(bundle.classes)} classes "
@@ -433,6 +433,7 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = True, progress: bool = True) 
     _check_block(cfg, bundle, paths, resume=resume)  # before the first write: run folder, config.yaml
     if du.is_main_process():
         save_resolved_config(cfg, paths.run_dir)
+        save_split(bundle, paths.run_dir)
 
     pre = pretrain_stages(cfg, bundle, loaders, paths, resume=resume, progress=progress)
     h, model = pre.hierarchy, pre.model

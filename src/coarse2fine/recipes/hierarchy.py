@@ -113,7 +113,7 @@ def hierarchy_from_checkpoint(req: HierarchyRequest) -> dict[str, Any]:
     """The block's softmax on its run's held-out split -> hierarchy files and report."""
     trained = load_trained(req.checkpoint, overrides=req.overrides)
     cfg = trained.cfg
-    bundle = build_datasets(cfg)
+    bundle = build_datasets(cfg, run_dir=trained.run_dir, progress=req.progress)
     check_classes(trained.classes, bundle.classes, f"checkpoint {req.checkpoint!r}")
     loaders = build_loaders(cfg, bundle)
     device = resolve_device(cfg.train.device)

@@ -25,8 +25,11 @@ from coarse2fine.hierarchy import Hierarchy
 from coarse2fine.models import create_model, init_from_shallower, load_pretrained_file
 
 
-def build_backbone(cfg: RunConfig, num_classes: int, in_chans: int, *, load_files: bool = True) -> nn.Module:
-    """The factory model of ``cfg.model``, with its weights (``pretrained``, ``pretrained_file``) when asked.
+def build_backbone(
+    cfg: RunConfig, num_classes: int, in_chans: int, *, image_size: int | None = None, load_files: bool = True
+) -> nn.Module:
+    """The factory model of ``cfg.model`` for ``image_size`` inputs (the run's resolved size, recorded in its
+    facts; default ``data.image_size``), with its local weights (``pretrained_file``) when asked.
 
     The initial weights come from ``cfg.seed`` (torch's global generator is seeded first: a fresh
     process starts it from a random seed, so the same recipe would otherwise start differently).
@@ -37,8 +40,9 @@ def build_backbone(cfg: RunConfig, num_classes: int, in_chans: int, *, load_file
     kwargs = dict(m.kwargs)
     if m.init is not None:
         kwargs["init"] = m.init
-    if cfg.data.image_size and not m.name.startswith("timm/"):
-        kwargs.setdefault("input_size", cfg.data.image_size)  # our heads are sized to the training input
+    size = image_size or cfg.data.image_size
+    if size and not m.name.startswith("timm/"):
+        kwargs.setdefault("input_size", size)  # our heads are sized to the training input
     if load_files and m.pretrained:
         kwargs["pretrained"] = m.pretrained
     else:
@@ -64,7 +68,7 @@ def build_hdcnn_model(cfg: RunConfig, facts: RunFacts, *, load_files: bool = Fal
         h.validate(facts.classes)
     if facts.hdcnn.block != cfg.model.name:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=facts.hdcnn.block))
-    block = build_backbone(cfg, h.num_classes, facts.in_chans, load_files=load_files)
+    block = build_backbone(cfg, h.num_classes, facts.in_chans, image_size=facts.image_size, load_files=load_files)
     return HDCNN(
         block,
         h.partial_sets,
@@ -76,13 +80,13 @@ def build_hdcnn_model(cfg: RunConfig, facts: RunFacts, *, load_files: bool = Fal
 
 
 def _plain(cfg: RunConfig, facts: RunFacts, load_files: bool) -> tuple[nn.Module, Objective]:
-    model = build_backbone(cfg, len(facts.classes), facts.in_chans, load_files=load_files)
+    model = build_backbone(cfg, len(facts.classes), facts.in_chans, image_size=facts.image_size, load_files=load_files)
     return model, CrossEntropyObjective(cfg.train.label_smoothing)
 
 
 def _herbs(cfg: RunConfig, facts: RunFacts, load_files: bool) -> tuple[nn.Module, Objective]:
-    backbone = build_backbone(cfg, len(facts.classes), facts.in_chans, load_files=load_files)
     size = facts.image_size
+    backbone = build_backbone(cfg, len(facts.classes), facts.in_chans, image_size=size, load_files=load_files)
     return build_herbs(backbone, len(facts.classes), cfg.herbs, (facts.in_chans, size, size))
 
 

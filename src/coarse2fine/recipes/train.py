@@ -22,7 +22,7 @@ from coarse2fine.engine.evaluate import apply_threads
 from coarse2fine.engine.run_folder import RunChecked
 from coarse2fine.errors import ConfigError
 from coarse2fine.facts import RunFacts
-from coarse2fine.recipes.data import DataBundle, Loaders, build_datasets, build_loaders
+from coarse2fine.recipes.data import SPLIT_CSV, DataBundle, Loaders, build_datasets, build_loaders
 from coarse2fine.recipes.models import build_model_and_objective
 from coarse2fine.recipes.trained import load_trained
 
@@ -82,13 +82,21 @@ def _build(
         raise ConfigError("method: an HD-CNN is trained in stages by `c2f hdcnn fit --config <the same recipe>`")
     apply_threads(cfg.train.threads)
     info = du.init_distributed(device=cfg.train.device)
-    bundle = build_datasets(cfg)
+    bundle = build_datasets(cfg, run_dir=cfg.run_dir if resume else None, progress=progress and du.is_main_process())
     loaders = build_loaders(cfg, bundle, rank=info.rank, world_size=info.world_size)
     facts = bundle.facts()
     model, objective = build_model_and_objective(cfg, facts)
-    # config.yaml is written by RunFolder.open once the run is accepted: a refused run keeps the old one
+    # config.yaml (and the data split) are written by RunFolder.open once the run is accepted: a refused run
+    # keeps the old ones
+    files = {SPLIT_CSV: bundle.split.to_csv()} if bundle.split is not None else {}
     run = RunFolder(
-        cfg.run_dir, resume=resume, overwrite=overwrite, resume_hint=resume_hint, config=to_dict(cfg), dry_run=dry_run
+        cfg.run_dir,
+        resume=resume,
+        overwrite=overwrite,
+        resume_hint=resume_hint,
+        config=to_dict(cfg),
+        files=files,
+        dry_run=dry_run,
     )
     setup = FitSetup.from_run_config(cfg, bundle.classes, facts.to_dict(), progress=progress)
     return _Built(bundle, loaders, facts, model, objective, run, setup)

@@ -17,7 +17,7 @@ from coarse2fine.engine.checkpoint import model_state_of
 from coarse2fine.engine.evaluate import apply_threads
 from coarse2fine.errors import CheckpointError, ConfigError
 from coarse2fine.facts import RunFacts
-from coarse2fine.recipes.data import transforms_for
+from coarse2fine.recipes.data import SPLIT_CSV, transforms_for
 from coarse2fine.recipes.exported import is_export, read_export
 from coarse2fine.recipes.models import build_model_and_objective
 
@@ -39,6 +39,15 @@ class Trained:
     @property
     def classes(self) -> list[str]:
         return self.facts.classes
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder whose ``split.csv`` fixes the test split: the checkpoint's (or its parent's), else
+        the config's ``out_dir/name``; None when none has one."""
+        for folder in (self.path.parent, self.path.parent.parent, self.cfg.run_dir):
+            if (folder / SPLIT_CSV).is_file():
+                return folder
+        return None
 
     def eval_transform(self) -> Any:
         """The eval transform the model was validated with (statistics stored in the checkpoint)."""
