@@ -124,6 +124,8 @@ class DataConfig:
     bad_images: BadImages = "error"  # file datasets: an unreadable image stops the run, or is skipped
     limit_train: int | None = setting(None, ge=1)  # use only this many training images (quick runs)
     limit_test: int | None = setting(None, ge=1)
+    # file datasets: where JPEGs are decoded and augmented; cuda: workers read bytes, batches decoded on the GPU
+    decode_device: Literal["cpu", "cuda"] = "cpu"  # (data.device_decode.DeviceDecodeLoader)
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.train_scale is not None:
