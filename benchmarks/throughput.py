@@ -24,7 +24,8 @@ reaches; the rest is BatchNorm, ReLU, pooling, the loss and the optimizer.
 
 Variants (``--variants``; ``+`` joins levers): ``fp32``; ``bf16`` (``torch.autocast`` bf16);
 ``mkldnn-bf16`` (``torch.backends.mkldnn.fp32_precision = "bf16"``: oneDNN may compute fp32
-convolutions and matmuls in bf16); ``compile`` (``torch.compile`` of the model, inductor); ``batch=N``.
+convolutions and matmuls in bf16); ``compile`` (``torch.compile`` of the model, inductor); ``compile-step``
+(``torch.compile`` of the whole step: forward, loss, backward and the SGD update); ``batch=N``.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ class Variant:
     amp: bool = False  # bf16 autocast
     precision: str = "none"  # torch.backends.mkldnn.fp32_precision
     compile: bool = False
+    compile_step: bool = False  # torch.compile of the whole step (forward, loss, backward, SGD update)
     batch: int | None = None  # None: --batch
 
 
@@ -203,10 +205,14 @@ def parse_variant(text: str) -> Variant:
             v = replace(v, precision=part.removeprefix("mkldnn-"))
         elif part == "compile":
             v = replace(v, compile=True)
+        elif part == "compile-step":
+            v = replace(v, compile_step=True)
         elif part.startswith("batch="):
             v = replace(v, batch=int(part.removeprefix("batch=")))
         else:
-            raise SystemExit(f"unknown variant part {part!r}: fp32, bf16, mkldnn-bf16, mkldnn-tf32, compile, batch=N")
+            raise SystemExit(
+                f"unknown variant part {part!r}: fp32, bf16, mkldnn-bf16, mkldnn-tf32, compile, compile-step, batch=N"
+            )
     return v
 
 
@@ -283,7 +289,7 @@ def model_step(model: nn.Module, shape: tuple[int, ...], batch: int, num_classes
         loss.backward()
         opt.step()
 
-    return step
+    return torch.compile(step) if v.compile_step else step
 
 
 @dataclass
@@ -365,9 +371,10 @@ def run_variants(args: argparse.Namespace, fmt: torch.memory_format, peak_fn: Ca
         for a in arms:
             r = ceiling_row(a)
             base = base or r["train_ips"]
+            compiled = a.variant.compile or a.variant.compile_step
             print(f"| {name} | {a.variant.label} | {a.batch} | {r['train_ips']:.0f} | {r['train_gflops']:.1f} | "
                   f"{100 * r['train_gflops'] / peak:.0f}% | {r['ceiling_gflops']:.1f} | {r['share']:.2f} | "
-                  f"{r['train_ips'] / base:.2f}x | {a.compile_s if a.variant.compile else 0:.0f} |", flush=True)
+                  f"{r['train_ips'] / base:.2f}x | {a.compile_s if compiled else 0:.0f} |", flush=True)
 
 
 def run_models(args: argparse.Namespace, fmt: torch.memory_format, peak_fn: Callable[[], float]) -> None:
