@@ -181,6 +181,9 @@ class DataConfig:
     mix_prob: float = setting(1.0, ge=0, le=1)  # probability that a batch is mixed (mixup or cutmix)
     mix_switch_prob: float = setting(0.5, ge=0, le=1)  # both on: probability of cutmix instead of mixup
 
+    # file datasets: where JPEGs are decoded and augmented; cuda: workers read bytes, batches decoded on the GPU
+    decode_device: Literal["cpu", "cuda"] = "cpu"  # (data.device_decode.DeviceDecodeLoader)
+
     @property
     def mixing(self) -> bool:
         """Mixup or CutMix is on (the targets become soft)."""

@@ -223,6 +223,8 @@ _ORIGINAL = re.compile(r"^coarse2fine\.errors\.\w+: (.*)$", re.MULTILINE)
 class FileLoader(_Loader):
     """torch ``DataLoader`` path for file datasets (or any per-image transform)."""
 
+    collate = staticmethod(_collate)  # items -> (images, labels, skipped); subclasses may batch otherwise
+
     def __init__(
         self,
         dataset: Any,
@@ -241,7 +243,7 @@ class FileLoader(_Loader):
             _Seeded(dataset, transform),
             batch_sampler=_BatchSampler(self),
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=self.collate,
             pin_memory=self.pin_memory,
             timeout=timeout if workers else 0,
             persistent_workers=workers > 0,

@@ -1,0 +1,116 @@
+"""The benchmark scripts run: the GPU benchmark's tiny CPU mode gives every row with finite numbers, the
+throughput ceiling covers every FLOP of a model, the overhead arms train, and the time-to-accuracy
+summary reads its curves."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import itertools
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("|---")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]  # without the header
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow  # ~15 s of CPU: 16 arms, four of them traced by torch.compile
+def test_gpu_throughput_tiny_mode_has_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    gpu = _load("gpu_throughput")
+    assert gpu.main(["--tiny", "--cpu"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    expected = {(m, c, loop) for m in gpu.CASES for c in ("no", "yes") for loop in ("engine", "bare")}
+    assert {(r[0], r[3], r[4]) for r in rows} == expected and len(rows) == len(expected)
+    for r in rows:
+        rate, first = float(r[5].replace(",", "")), float(r[8])
+        assert math.isfinite(rate) and rate > 0 and math.isfinite(first), r
+        if r[4] == "engine":
+            assert math.isfinite(float(r[6])) and float(r[6]) > 0, r  # engine / bare
+        if r[3] == "yes":
+            assert math.isfinite(float(r[7])) and float(r[7]) > 0, r  # compiled / eager
+
+
+def test_partial_sets_cover_every_class() -> None:
+    gpu = _load("gpu_throughput")
+    sets = gpu._partial_sets(100, 4)
+    assert len(sets) == 4 and set().union(*sets) == set(range(100))
+    assert all(len(set(a) & set(b)) > 0 for a, b in itertools.pairwise(sets))  # neighbours overlap
+
+
+def test_throughput_ceiling_covers_the_models_flops() -> None:
+    tp = _load("throughput")
+    torch.set_num_threads(1)
+    case = tp.replace(tp.CASES["vgg_small_bn"], batch=4)
+    arms = [tp.build_arms("vgg_small_bn", case, tp.parse_variant(v), 10, torch.channels_last, 0)
+            for v in ("fp32", "batch=8")]
+    tp.time_in_turns(arms, rounds=2, iters=1)
+    for a in arms:
+        row = tp.ceiling_row(a)
+        assert row["covered"] == pytest.approx(1.0, rel=1e-6)  # convs + linears are all the counted FLOPs
+        assert all(math.isfinite(v) and v > 0 for v in row.values()), row
+    assert arms[1].batch == 8 and len(arms[0].layers) == 8  # 6 convs + 2 linears
+    with pytest.raises(SystemExit, match="unknown variant"):
+        tp.parse_variant("fp64")
+
+
+def test_overhead_arms_train_on_a_generated_jpeg_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    oh = _load("overhead")
+    argv = ["--data", "folder", "--folder-root", str(tmp_path / "tree"), "--folder-images", "6", "--limit-train", "0",
+            "--epochs", "1", "--repeats", "1", "--threads", "1", "--no-progress",
+            "--set", "data.workers=0", "--set", "data.batch_size=8", "--set", "data.image_size=32",
+            "--set", "data.train_scale=[36]"]
+    assert oh.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    assert [r[0] for r in rows] == ["engine", "bare"]
+    assert all(float(v) > 0 for r in rows for v in r[1:]), rows
+    assert "engine / bare, per epoch, CPU clock" in out
+
+
+def test_time_to_accuracy_summary() -> None:
+    fm = _load("fashion_mnist")
+
+    def rows(flips: list[float], cpu_per_epoch: float) -> list[dict[str, float]]:
+        return [{"epoch": i + 1, "minutes": cpu_per_epoch * (i + 1), "cpu_minutes": cpu_per_epoch * (i + 1),
+                 "train_top1": 90.0, "val_top1": f, "test_top1": f - 0.3, "test_flip": f} for i, f in enumerate(flips)]
+
+    ref = rows([92.0, 93.1, 93.4], 1.0)
+    fast = rows([92.5, 93.6, 93.7, 93.8], 0.6)
+    assert fm.first_reaching(ref, 93.5) is None and fm.first_reaching(fast, 93.5)["epoch"] == 2
+    cfg = {"model": {"name": "m"}, "data": {"batch_size": 1}, "optim": {"lr": 0.1},
+           "train": {"epochs": 3, "amp": "off", "threads": 1}}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fm.summary([("ref", cfg, ref), ("fast", cfg, fast)])
+    table = _table_rows(out.getvalue())
+    assert [(r[0], r[-1]) for r in table] == [("ref", "no"), ("fast", "yes")]
+    args = fm.parse_args(["--arm", "a", "train.epochs=2", "--arm", "b", "train.amp=bf16"])
+    assert args.arm == [["a", "train.epochs=2"], ["b", "train.amp=bf16"]]
+    assert isinstance(args, argparse.Namespace)
