@@ -107,15 +107,9 @@ class _Loader:
         self.epoch = int(epoch)
 
     def indices(self) -> np.ndarray:
-        return shard_indices(
-            len(self.dataset),
-            shuffle=self.shuffle,
-            seed=self.seed,
-            epoch=self.epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            pad=self.pad_shards,
-        )
+        seed, epoch, rank, world = self.seed, self.epoch, self.rank, self.world_size
+        n, shuffle, pad = len(self.dataset), self.shuffle, self.pad_shards
+        return shard_indices(n, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world, pad=pad)
 
     def batches(self) -> list[np.ndarray]:
         idx = self.indices()
@@ -307,16 +301,8 @@ def build_loader(
     (applied one image at a time, :class:`~coarse2fine.data.transforms.PerImage`, to a file dataset), or a
     per-image transform. ``timeout`` (seconds) bounds the wait for one batch from a worker.
     """
-    common = dict(
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        pin_memory=pin_memory,
-        pad_shards=pad_shards,
-    )
+    common = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, rank=rank)
+    common.update(world_size=world_size, pin_memory=pin_memory, pad_shards=pad_shards)
     if getattr(dataset, "in_memory", False) and (transform is None or getattr(transform, "batched", False)):
         return InMemoryLoader(dataset, transform, **common)
     if getattr(transform, "batched", False):  # small images read from files: the same augmentation per image

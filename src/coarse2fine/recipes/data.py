@@ -198,20 +198,16 @@ def _sources(cfg: RunConfig, run_dir: str | Path | None, progress: bool) -> tupl
     return full, test, split, image_size, bool(getattr(full, "in_memory", False)) or small
 
 
+# the data.* settings that are build_transforms' keyword arguments of the same name
+TRANSFORM_SETTINGS = (
+    "train_scale", "test_scale", "pad", "flip", "color_shift", "auto_augment", "auto_augment_magnitude"
+)
+
+
 def transforms_for(cfg: RunConfig, stats: dict[str, Any], image_size: int, in_memory: bool) -> tuple[Any, Any]:
-    d = cfg.data
-    return D.build_transforms(
-        stats,
-        in_memory=in_memory,
-        image_size=image_size,
-        train_scale=d.train_scale,
-        test_scale=d.test_scale,
-        pad=d.pad,
-        flip=d.flip,
-        color_shift=d.color_shift,
-        auto_augment=d.auto_augment,
-        auto_augment_magnitude=d.auto_augment_magnitude,
-    )
+    """(train, eval) transforms of the run's data settings (``data.build_transforms``)."""
+    settings = {key: getattr(cfg.data, key) for key in TRANSFORM_SETTINGS}
+    return D.build_transforms(stats, in_memory=in_memory, image_size=image_size, **settings)
 
 
 def build_datasets(cfg: RunConfig, *, run_dir: str | Path | None = None, progress: bool = False) -> DataBundle:
