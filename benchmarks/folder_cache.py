@@ -8,6 +8,8 @@ One run, four arms, interleaved round by round (the same images, model and augme
 - ``cached``: an epoch on the cache read back (the in-memory loader, BatchAugment per batch);
 - ``memory``: the same images preloaded as an InMemoryDataset without the cache.
 
+The loader of each arm is also timed alone (no model, best of three passes): the data path's own cost.
+
 Each epoch trains ``vgg_small_bn`` (batch 128, SGD nesterov, label smoothing 0.1, channels_last) with the
 folder recipe's augmentation (zero padding 4, random 32 crop, flip). Images per second are the images
 of the epoch over its wall time, data loading included.
@@ -34,6 +36,8 @@ from torch import nn
 from coarse2fine import data as D
 from coarse2fine.models import create_model
 
+LOADERS = ("files", "cached", "memory")
+
 
 def load_average() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -45,12 +49,13 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def epoch(dataset, transform, args: argparse.Namespace, state: dict, seed: int) -> tuple[float, float]:
+def epoch(dataset, transform, args: argparse.Namespace, state: dict, seed: int, train: bool = True):
     """(images per wall second, images per CPU second) of one training epoch, loading included, from the
-    same initial weights. CPU seconds count every process (workers too): the figure a busy machine
-    disturbs least."""
+    same initial weights (``train=False``: the loader alone). CPU seconds count every process (workers
+    too): the figure a busy machine disturbs least."""
     model = create_model("vgg_small_bn", num_classes=len(dataset.classes)).to(memory_format=torch.channels_last)
-    model.load_state_dict(state)
+    if train:
+        model.load_state_dict(state)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -58,14 +63,26 @@ def epoch(dataset, transform, args: argparse.Namespace, state: dict, seed: int) 
     loader.set_epoch(seed)
     start, cpu, seen = time.perf_counter(), cpu_seconds(), 0
     for x, y in loader:
+        seen += len(y)
+        if not train:
+            continue
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
         opt.step()
-        seen += len(y)
     wall = time.perf_counter() - start
-    del loader  # persistent workers exit and are joined: their CPU time is counted
+    workers = getattr(getattr(loader, "_loader", None), "_iterator", None)
+    if workers is not None:  # join the persistent workers now, so that their CPU time is counted
+        workers._shutdown_workers()
+    del loader
     gc.collect()
     return seen / wall, seen / (cpu_seconds() - cpu)
+
+
+def loader_alone(dataset, transform, args: argparse.Namespace, seed: int) -> tuple[float, float]:
+    """The loader without a model, best of three passes: small batched ops on two busy cores are at the
+    mercy of the thread pool's scheduling (one pass can be ten times slower than the next)."""
+    passes = [epoch(dataset, transform, args, {}, seed, train=False) for _ in range(3)]
+    return max(w for w, _ in passes), max(c for _, c in passes)
 
 
 def preload(files: D.ImageFileDataset) -> D.InMemoryDataset:
@@ -90,6 +107,7 @@ def cache_arms(files, tf, args, state, r: int, results: dict) -> None:
         cached = D.cached_images(files, (32, 32), cache_dir=cache_dir, workers=args.workers)
         results["load_s"].append((time.perf_counter() - start, 0.0))
         results["cached"].append(epoch(cached, tf, args, state, r))
+        results["cached_loader"].append(loader_alone(cached, tf, args, r))
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
@@ -98,8 +116,10 @@ def run_round(files, memory, tf, args, state, r: int, results: dict) -> None:
     """The arms in turn; odd rounds in the reverse order, so a drifting machine load spreads over all."""
     arms = [
         lambda: results["files"].append(epoch(files, tf, args, state, r)),
+        lambda: results["files_loader"].append(loader_alone(files, tf, args, r)),
         lambda: cache_arms(files, tf, args, state, r, results),
         lambda: results["memory"].append(epoch(memory, tf, args, state, r)),
+        lambda: results["memory_loader"].append(loader_alone(memory, tf, args, r)),
     ]
     for arm in arms[:: -1 if r % 2 else 1]:
         arm()
@@ -133,13 +153,16 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"{len(files)} images of {args.root}; {machine}, {torch.get_num_threads()} threads; load {load_average()}")
     results: dict[str, list[tuple[float, float]]] = {
-        k: [] for k in ("files", "build", "build_s", "load_s", "cached", "memory")
+        k: [] for k in ("files", "build", "build_s", "load_s", "cached", "memory", *(f"{a}_loader" for a in LOADERS))
     }
     epoch(D.limit(memory, 4 * args.batch), tf, args, state, 0)  # warm-up: kernels, allocator
     for r in range(args.rounds):
         run_round(files, memory, tf, args, state, r, results)
     med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for k, v in results.items()}
-    print("\n| arm | images/s | vs in memory | images per CPU-second | vs in memory |\n|---|---|---|---|---|")
+    print(
+        "\n| arm | images/s | vs in memory | images per CPU-second | vs in memory | loader alone, images/s |"
+        "\n|---|---|---|---|---|---|"
+    )
     for arm, what in (
         ("files", "folder, no cache (decoded per image by the loader)"),
         ("build", f"folder, first epoch with cache build ({med['build_s'][0]:.1f} s decoding)"),
@@ -147,7 +170,8 @@ def main() -> None:
         ("memory", "preloaded InMemoryDataset"),
     ):
         (w, c), (mw, mc) = med[arm], med["memory"]
-        print(f"| {what} | {w:.0f} | {w / mw:.2f}x | {c:.0f} | {c / mc:.2f}x |")
+        alone = f"{med[arm + '_loader'][0]:.0f}" if arm + "_loader" in med else "-"
+        print(f"| {what} | {w:.0f} | {w / mw:.2f}x | {c:.0f} | {c / mc:.2f}x | {alone} |")
     print(f"\nmedians of {args.rounds} rounds; per round (wall, CPU):")
     for k, vals in results.items():
         print(f"  {k}: {', '.join(f'({a:.1f}, {b:.1f})' for a, b in vals)}")

@@ -18,7 +18,7 @@ from coarse2fine.cli import main
 from coarse2fine.config import load_config
 from coarse2fine.data import cache as C
 from coarse2fine.errors import ConfigError, DataError
-from coarse2fine.recipes import SPLIT_CSV, build_datasets, build_loaders
+from coarse2fine.recipes import SPLIT_CSV, build_datasets, build_loaders, build_model_and_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER_RECIPE = str(ROOT / "configs" / "folder.yaml")
@@ -88,6 +88,20 @@ def test_input_size_from_the_recipe_the_data_or_the_model(tmp_path, sizes, overr
     assert bundle.in_memory == (sizes == [24, 24])  # one small size: cached, in memory
     x, _ = next(iter(build_loaders(cfg_for(tmp_path / "t", *overrides), bundle).train))
     assert x.shape[1:] == (3, expected, expected)
+
+
+def test_the_model_and_the_transforms_share_the_size(tmp_path):
+    """The crash of issue #14: fashion_mnist_vgg.yaml on a 32x32 folder tree built the VGG head for 32 px
+    while the transforms cropped 224 (the file datasets' default)."""
+    write_tree(tmp_path / "t" / "train", {"a": 6, "b": 6})
+    write_tree(tmp_path / "t" / "test", {"a": 2, "b": 2})
+    sets = ["data.name=folder", f"data.root={tmp_path / 't'}", "data.batch_size=4", "data.val_fraction=0.25"]
+    for cache in ("auto", "off"):
+        cfg = load_config(ROOT / "configs" / "fashion_mnist_vgg.yaml", [*sets, f"data.cache={cache}"])
+        bundle = build_datasets(cfg)
+        model, _ = build_model_and_objective(cfg, bundle.facts())
+        x, _ = next(iter(build_loaders(cfg, bundle).train))
+        assert bundle.image_size == 32 and model(x).shape == (4, 2)
 
 
 def test_a_size_mismatch_the_user_asked_for_names_the_keys(tmp_path, capsys):
@@ -185,6 +199,12 @@ def test_bad_split_files_are_refused_before_anything_is_written(tmp_path, capsys
     assert not out.exists()
 
 
+def test_a_missing_split_file_names_the_key(tmp_path):
+    tree = write_tree(tmp_path / "t", {"a": 6, "b": 6})
+    with pytest.raises(DataError, match=r"data\.split_file='.*nope\.csv': the split file does not exist"):
+        build_datasets(cfg_for(tree, f"data.split_file={tmp_path / 'nope.csv'}"))
+
+
 @pytest.mark.parametrize(
     ("counts", "fraction", "message"),
     [
@@ -202,12 +222,12 @@ def test_a_test_fraction_that_empties_a_class_is_refused(tmp_path, capsys, count
     assert "data.test_fraction" in capsys.readouterr().err and not out.exists()
 
 
-def test_test_fraction_on_a_tree_with_a_test_folder_is_refused(tmp_path):
+def test_a_tree_with_a_test_folder_keeps_it(tmp_path, caplog):
     write_tree(tmp_path / "t" / "train", {"a": 4, "b": 4})
     write_tree(tmp_path / "t" / "test", {"a": 2, "b": 2})
-    with pytest.raises(ConfigError, match=r"data\.test_fraction: .* has a test split folder already"):
-        build_datasets(cfg_for(tmp_path / "t"))
-    assert len(build_datasets(cfg_for(tmp_path / "t", "data.test_fraction=null")).test) == 4
+    bundle = build_datasets(cfg_for(tmp_path / "t"))  # the recipe's test_fraction is not used
+    assert len(bundle.test) == 4 and bundle.split is None
+    assert "data.test_fraction=0.1 not used" in caplog.text
 
 
 def test_a_tree_with_only_train_folder_gets_a_carved_test_split(tmp_path):

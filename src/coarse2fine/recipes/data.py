@@ -4,6 +4,7 @@ folders, normalisation statistics and transforms, training / evaluation / native
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from coarse2fine.engine.protocols import collate_list, evaluate_protocol
 from coarse2fine.errors import ConfigError, DataError
 from coarse2fine.facts import RunFacts
 from coarse2fine.models import default_input_size
+
+log = logging.getLogger(__name__)
 
 SPLIT_CSV = "split.csv"  # in a run folder: the train / test file lists a folder run used
 
@@ -77,7 +80,7 @@ def _load_split(cfg: RunConfig, split: str) -> Any:
 def fixed_split(cfg: RunConfig, run_dir: str | Path | None = None) -> D.SplitList | None:
     """The train / test file lists of a folder tree (METHODS.md §4): ``<run_dir>/split.csv`` when that run
     saved one, else ``data.split_file``, else carved with ``data.test_fraction`` (stratified, seeded by
-    ``seed``); None when the tree's own folders give the splits."""
+    ``seed``) from a tree without ``test/`` or ``val/``; None when the tree's own folders give the splits."""
     d = cfg.data
     if d.name != "folder" or (d.test_fraction is None and d.split_file is None):
         return None
@@ -90,10 +93,13 @@ def fixed_split(cfg: RunConfig, run_dir: str | Path | None = None) -> D.SplitLis
     links = D.LinkPolicy(root, d.follow_external_links)
     saved = Path(run_dir) / SPLIT_CSV if run_dir is not None else None
     file = saved if saved is not None and saved.is_file() else d.split_file
+    if file == d.split_file and file is not None and not Path(file).expanduser().is_file():
+        raise DataError(f"data.split_file={file!r}: the split file does not exist")
     if file is not None:
-        return D.read_split_file(file, root, D.folder_classes(root, links), links)
+        return D.read_split_file(Path(file).expanduser(), root, D.folder_classes(root, links), links)
     if any((root / s).is_dir() for s in ("val", "test")):
-        raise ConfigError(f"data.test_fraction: {root} has a test split folder already; remove data.test_fraction")
+        log.warning("data.test_fraction=%g not used: %s has its own test split folder", d.test_fraction, root)
+        return None
     full = D.ImageFolderDataset(root, "train", bad_images=d.bad_images, follow_external_links=d.follow_external_links)
     assert d.test_fraction is not None
     test = D.carve_test(full.targets, full.classes, d.test_fraction, seed=cfg.seed, source=str(full.split_dir))
