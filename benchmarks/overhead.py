@@ -2,7 +2,13 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/overhead.py [--limit-train 6400] [--epochs 2] [--repeats 3]
     PYTHONPATH=src .venv/bin/python benchmarks/overhead.py --data folder     # a generated JPEG tree
-    PYTHONPATH=src .venv/bin/python benchmarks/overhead.py --profile         # cProfile of one engine arm
+    PYTHONPATH=src .venv/bin/python benchmarks/overhead.py --profile         # cProfile of one arm of each
+
+Clocks: on this shared 2-core machine the wall clock swings with other jobs (a ratio of 0.5x or
+2x between neighbouring arms), so the per-epoch time is also taken in this process's CPU time
+(``time.process_time``) and in its user CPU time alone. The kernel's share (system time) is mostly
+page faults, which vary 10x between repeats of the same arm with the machine's memory reclaim, so
+the user clock is the steadiest measure of the work each loop does.
 
 The engine arm is ``fit`` as a recipe runs it: checkpoints every epoch (and one before the first),
 metrics.csv and TensorBoard (``default_callbacks``), a progress bar, validation after every epoch.
@@ -28,6 +34,7 @@ import io
 import os
 import platform
 import pstats
+import resource
 import statistics
 import sys
 import tempfile
@@ -54,17 +61,17 @@ class _Clock(Callback):
     """Timestamps of the engine's hooks (appended after the default loggers, so it runs last)."""
 
     def __init__(self) -> None:
-        self.start = self.cpu_start = 0.0
+        self.start = self.cpu_start = self.user_start = 0.0
         self.ends: list[float] = []
-        self.cpu_end = 0.0
+        self.cpu_end = self.user_end = 0.0
         self.records: list[Mapping[str, Any]] = []
 
     def on_fit_start(self, state: Any) -> None:
-        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.start, self.cpu_start, self.user_start = time.perf_counter(), time.process_time(), _user()
 
     def on_epoch_end(self, epoch: int, record: Mapping[str, Any]) -> None:
         self.ends.append(time.perf_counter())
-        self.cpu_end = time.process_time()
+        self.cpu_end, self.user_end = time.process_time(), _user()
         self.records.append(dict(record))
 
 
@@ -73,22 +80,24 @@ def engine_arm(cfg: RunConfig, bundle: Any, loaders: Any, workdir: Path, progres
     run = RunFolder(workdir, overwrite=True)
     clock = _Clock()
     setup = FitSetup.from_run_config(cfg, bundle.classes, bundle.facts().to_dict(), progress=progress)
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     fit(model, objective, loaders.train, loaders.val, setup, run, [*default_callbacks(run), clock])
-    t1 = time.perf_counter()
+    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     epochs = np.diff([clock.start, *clock.ends])
     return {
         "train_s": sum(float(r["train_seconds"]) for r in clock.records),
         "epoch_s": float(epochs.sum()),
         "epoch_cpu_s": clock.cpu_end - clock.cpu_start,
+        "epoch_user_s": clock.user_end - clock.user_start,
         "setup_s": clock.start - t0,
         "total_s": t1 - t0,
+        **_usage(r0, r1),
     }
 
 
 def bare_arm(cfg: RunConfig, bundle: Any, loaders: Any, workdir: Path, progress: bool) -> dict[str, float]:
     """The plain loop: what a user writes without the engine (timm / torchvision reference style)."""
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     device = resolve_device(cfg.train.device)
     dtype = autocast_dtype(cfg.train.amp, device)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -101,7 +110,7 @@ def bare_arm(cfg: RunConfig, bundle: Any, loaders: Any, workdir: Path, progress:
     sched = OneCycleLR(opt, max_lr=o.lr, total_steps=cfg.train.epochs * len(loaders.train))
     smoothing = cfg.train.label_smoothing
     train_s = 0.0
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start, user_start = time.perf_counter(), time.process_time(), _user()
     for epoch in range(cfg.train.epochs):
         loaders.train.set_epoch(epoch)
         model.train()
@@ -120,14 +129,28 @@ def bare_arm(cfg: RunConfig, bundle: Any, loaders: Any, workdir: Path, progress:
         with torch.inference_mode(), autocast(device, dtype):
             for x, y in loaders.val:
                 correct += int((model(x.to(device, memory_format=fmt)).argmax(1) == y.to(device)).sum())
-    end, cpu_end = time.perf_counter(), time.process_time()
+    end, cpu_end, user_end = time.perf_counter(), time.process_time(), _user()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "train_s": train_s,
         "epoch_s": end - start,
         "epoch_cpu_s": cpu_end - cpu_start,
+        "epoch_user_s": user_end - user_start,
         "setup_s": start - t0,
         "total_s": end - t0,
+        **_usage(r0, r1),
     }
+
+
+def _user() -> float:
+    """This process's user CPU seconds: compute without the kernel's share (page faults, file writes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
+def _usage(r0: Any, r1: Any) -> dict[str, float]:
+    """User and system CPU seconds and minor page faults of the whole arm (setup included)."""
+    return {"user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime,
+            "minor_faults": float(r1.ru_minflt - r0.ru_minflt)}
 
 
 ARMS: dict[str, Callable[..., dict[str, float]]] = {"engine": engine_arm, "bare": bare_arm}
@@ -172,7 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="the engine's progress bars (on by default, as in a recipe run)")
-    p.add_argument("--profile", action="store_true", help="cProfile one engine arm and print the top functions")
+    p.add_argument("--profile", action="store_true", help="cProfile one arm of each and print their top functions")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     return p.parse_args(argv)
 
@@ -192,30 +215,33 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides + args.overrides)
 
 
-def profile_engine(cfg: RunConfig, bundle: Any, loaders: Any, workdir: Path) -> None:
-    prof = cProfile.Profile()
-    prof.enable()
-    engine_arm(cfg, bundle, loaders, workdir, True)
-    prof.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(prof, stream=out).sort_stats("tottime")
-    stats.print_stats(30)
-    print(out.getvalue())
+def profile_arms(cfg: RunConfig, bundle: Any, loaders: Any, workdir: Path, progress: bool) -> None:
+    """cProfile of each arm (the same run, one after the other): the functions with the most own time."""
+    for arm, fn in ARMS.items():
+        prof = cProfile.Profile()
+        prof.enable()
+        fn(cfg, bundle, loaders, workdir / arm, progress)
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+        print(f"## {arm}\n{out.getvalue()}")
 
 
 def summarise(results: dict[str, list[dict[str, float]]], images: int, epochs: int) -> None:
     print("| arm | train phase img/s | per epoch img/s (train + val + writes) | per epoch img/s, CPU clock "
-          "| fit setup s | whole run img/s |")
-    print("|---|---|---|---|---|---|")
+          "| per epoch img/s, user CPU clock | fit setup s | whole run img/s |")
+    print("|---|---|---|---|---|---|---|")
     med = {arm: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for arm, rs in results.items()}
     for arm, m in med.items():
         print(f"| {arm} | {images * epochs / m['train_s']:.0f} | {images * epochs / m['epoch_s']:.0f} | "
-              f"{images * epochs / m['epoch_cpu_s']:.0f} | {m['setup_s']:.2f} | {images * epochs / m['total_s']:.0f} |")
+              f"{images * epochs / m['epoch_cpu_s']:.0f} | {images * epochs / m['epoch_user_s']:.0f} | "
+              f"{m['setup_s']:.2f} | {images * epochs / m['total_s']:.0f} |")
     pairs = list(zip(results["engine"], results["bare"]))
     for key, what in (
         ("train_s", "train phase"),
         ("epoch_s", "per epoch"),
         ("epoch_cpu_s", "per epoch, CPU clock"),
+        ("epoch_user_s", "per epoch, user CPU clock"),
         ("total_s", "whole run"),
     ):
         ratios = [b[key] / e[key] for e, b in pairs]
@@ -239,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
           f"amp={cfg.train.amp} channels_last={cfg.train.channels_last}\n")
     with tempfile.TemporaryDirectory() as tmp:
         if args.profile:
-            profile_engine(cfg, bundle, loaders, Path(tmp) / "profile")
+            profile_arms(cfg, bundle, loaders, Path(tmp), args.progress)
             return 0
         results: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
         for r in range(args.repeats):
@@ -250,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[arm].append(ARMS[arm](cfg, bundle, loaders, Path(tmp) / f"{arm}_{r}", args.progress))
                 res = results[arm][-1]
                 print(f"repeat {r + 1} {arm}: train {res['train_s']:.1f} s, epochs {res['epoch_s']:.1f} s "
-                      f"(CPU {res['epoch_cpu_s']:.1f} s), "
+                      f"(CPU {res['epoch_cpu_s']:.1f} s, user {res['epoch_user_s']:.1f} s; whole arm: "
+                      f"sys {res['sys_s']:.1f} s, {res['minor_faults']:.0f} minor page faults), "
                       f"setup {res['setup_s']:.2f} s, total {res['total_s']:.1f} s", flush=True)
     print(f"\nmachine: {load_machine()} (at the end)\n")
     summarise(results, images, cfg.train.epochs)

@@ -388,7 +388,8 @@ def run_models(args: argparse.Namespace, fmt: torch.memory_format, peak_fn: Call
         rows = [("ours", measure(ours, case, args.classes, args.warmup, args.iters, fmt))]
         arms = build_arms(name, case, fp32, args.classes, fmt, args.warmup)
         time_in_turns([arms], args.rounds, args.iters)
-        rows[0][1].update(ceiling_row(arms))
+        ceiling = ceiling_row(arms)  # its own step times, in turns with the layers
+        rows[0][1].update(ceiling_gflops=ceiling["ceiling_gflops"], share=ceiling["share"])
         if case.reference and args.reference:
             ref = torchvision_twin(ours, case.reference, args.classes)
             label = f"torchvision {case.reference}" if case.reference != "small" else "torchvision make_layers"
