@@ -125,7 +125,8 @@ class DataConfig:
     limit_train: int | None = setting(None, ge=1)  # use only this many training images (quick runs)
     limit_test: int | None = setting(None, ge=1)
     # file datasets: where JPEGs are decoded and augmented; cuda: workers read bytes, batches decoded on the GPU
-    decode_device: Literal["cpu", "cuda"] = "cpu"  # (data.device_decode.DeviceDecodeLoader)
+    # (data.device_decode.DeviceDecodeLoader; recipes.data does not pass it on yet, see docs/BENCHMARKS.md)
+    decode_device: Literal["cpu", "cuda"] = "cpu"
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.train_scale is not None:
