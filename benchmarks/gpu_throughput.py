@@ -111,10 +111,11 @@ class Arm:
     compiled: bool
     batch: int
     size: int
-    run: Callable[[int], None]  # run n steps
+    run: Callable[[int], None] | None  # run n steps (dropped once timed, freeing the model)
     first_step_s: float = 0.0
     peak_bytes: int = 0
     times: list[float] = field(default_factory=list)
+    error: str = ""  # why this arm could not be built or run (e.g. a model torch.compile cannot trace)
 
     @property
     def images_per_s(self) -> float:
@@ -228,35 +229,59 @@ def benchmark(args: argparse.Namespace) -> list[Arm]:
     quiet = contextlib.redirect_stderr(io.StringIO()) if not args.progress else contextlib.nullcontext()
     with tempfile.TemporaryDirectory() as tmp, quiet:
         for name in args.models:
-            group = [build_arm(name, loop, compiled, args, device, tmp)
+            group = [_guarded_build(name, loop, compiled, args, device, tmp)
                      for compiled in args.compile for loop in ("engine", "bare")]
             for r in range(args.rounds):
                 for arm in group if r % 2 == 0 else group[::-1]:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    arm.run(args.steps)
-                    _sync(device)
-                    arm.times.append((time.perf_counter() - t0) / args.steps)
+                    _time_round(arm, args.steps, device)
+            for arm in group:
+                arm.run = None
             arms += group
             if device.type == "cuda":
-                del group
                 torch.cuda.empty_cache()
     return arms
 
 
+def _guarded_build(name: str, loop: str, compiled: bool, args: argparse.Namespace, device: torch.device,
+                   workdir: str) -> Arm:
+    """``build_arm``, or an arm that records why it failed (the other arms still run)."""
+    try:
+        return build_arm(name, loop, compiled, args, device, workdir)
+    except Exception as exc:  # e.g. torch.compile cannot trace a model, or out of memory
+        print(f"{name} {loop} compile={compiled} failed: {type(exc).__name__}: {exc}", file=sys.__stderr__)
+        case = CASES[name]
+        size, batch = (case.tiny_size, case.tiny_batch) if args.tiny else (case.size, case.batch)
+        return Arm(name, loop, compiled, args.batch or batch, size, None, error=f"{type(exc).__name__}")
+
+
+def _time_round(arm: Arm, steps: int, device: torch.device) -> None:
+    if arm.run is None:
+        return
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        arm.run(steps)
+        _sync(device)
+        arm.times.append((time.perf_counter() - t0) / steps)
+    except Exception as exc:
+        print(f"{arm.model_name} {arm.loop} compile={arm.compiled} failed: {exc}", file=sys.__stderr__)
+        arm.error, arm.run = type(exc).__name__, None
+
+
 def table(arms: list[Arm]) -> str:
     """The markdown table: one row per arm, engine / bare and compiled / eager within the same model."""
-    rate = {(a.model_name, a.loop, a.compiled): a.images_per_s for a in arms}
+    rate = {(a.model_name, a.loop, a.compiled): a.images_per_s for a in arms if not a.error}
     lines = ["| model | input | batch | torch.compile | loop | train img/s | engine / bare | compiled / eager "
              "| first step s | peak GPU memory GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         bare = rate.get((a.model_name, "bare", a.compiled))
         eager = rate.get((a.model_name, a.loop, False))
-        vs_bare = f"{a.images_per_s / bare:.3f}" if a.loop == "engine" and bare else ""
-        vs_eager = f"{a.images_per_s / eager:.2f}" if a.compiled and eager else ""
+        vs_bare = f"{a.images_per_s / bare:.3f}" if a.loop == "engine" and bare and not a.error else ""
+        vs_eager = f"{a.images_per_s / eager:.2f}" if a.compiled and eager and not a.error else ""
         mem = f"{a.peak_bytes / 2**30:.2f}" if a.peak_bytes else "n/a (CPU)"
+        speed = f"failed ({a.error})" if a.error else f"{a.images_per_s:,.1f}"
         lines.append(f"| {a.model_name} | 3x{a.size}x{a.size} | {a.batch} | {'yes' if a.compiled else 'no'} | "
-                     f"{a.loop} | {a.images_per_s:,.1f} | {vs_bare} | {vs_eager} | {a.first_step_s:.1f} | {mem} |")
+                     f"{a.loop} | {speed} | {vs_bare} | {vs_eager} | {a.first_step_s:.1f} | {mem} |")
     return "\n".join(lines)
 
 

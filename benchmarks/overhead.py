@@ -7,8 +7,10 @@
 Clocks: on this shared 2-core machine the wall clock swings with other jobs (a ratio of 0.5x or
 2x between neighbouring arms), so the per-epoch time is also taken in this process's CPU time
 (``time.process_time``) and in its user CPU time alone. The kernel's share (system time) is mostly
-page faults, which vary 10x between repeats of the same arm with the machine's memory reclaim, so
-the user clock is the steadiest measure of the work each loop does.
+page faults, which vary up to 10x between arms with the allocator's history (glibc giving freed
+activation memory back to the kernel; ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` stop it,
+docs/BENCHMARKS.md), so the user clock is the steadiest measure of the work each loop does.
+``--limit-train 0`` trains on the whole training split.
 
 The engine arm is ``fit`` as a recipe runs it: checkpoints every epoch (and one before the first),
 metrics.csv and TensorBoard (``default_callbacks``), a progress bar, validation after every epoch.

@@ -57,6 +57,19 @@ def test_gpu_throughput_tiny_mode_has_every_row(capsys: pytest.CaptureFixture[st
             assert math.isfinite(float(r[7])) and float(r[7]) > 0, r  # compiled / eager
 
 
+def test_gpu_throughput_reports_an_arm_that_fails(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    gpu = _load("gpu_throughput")
+
+    def broken(tiny: bool):
+        raise RuntimeError("cannot trace this model")
+
+    monkeypatch.setitem(gpu.CASES, "broken", gpu.Case(broken, 32, 2, 5))
+    assert gpu.main(["--tiny", "--cpu", "--models", "broken", "hdcnn_nin", "--compile", "off"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [(r[0], r[5]) for r in rows[:2]] == [("broken", "failed (RuntimeError)")] * 2
+    assert all(float(r[5]) > 0 for r in rows[2:]) and len(rows) == 4  # the other model still ran
+
+
 def test_partial_sets_cover_every_class() -> None:
     gpu = _load("gpu_throughput")
     sets = gpu._partial_sets(100, 4)

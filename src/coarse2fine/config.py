@@ -182,7 +182,8 @@ class DataConfig:
     mix_switch_prob: float = setting(0.5, ge=0, le=1)  # both on: probability of cutmix instead of mixup
 
     # file datasets: where JPEGs are decoded and augmented; cuda: workers read bytes, batches decoded on the GPU
-    decode_device: Literal["cpu", "cuda"] = "cpu"  # (data.device_decode.DeviceDecodeLoader)
+    # (data.device_decode.DeviceDecodeLoader; recipes.data does not pass it on yet, see docs/BENCHMARKS.md)
+    decode_device: Literal["cpu", "cuda"] = "cpu"
 
     @property
     def mixing(self) -> bool:
