@@ -32,6 +32,7 @@ from coarse2fine.compress import model_bytes
 from coarse2fine.config import load_config
 from coarse2fine.data import class_counts
 from coarse2fine.engine.evaluate import autocast, autocast_dtype, evaluate, resolve_device
+from coarse2fine.engine.protocols import Fusion
 from coarse2fine.hdcnn import HDCNN, HDCNNObjective, compress_hdcnn, inference_pass, peak_memory_bytes
 from coarse2fine.hierarchy import COARSE_TARGET_RULES, coarse_targets
 from coarse2fine.recipes import build_datasets, build_loaders, eval_loader, load_trained
@@ -44,18 +45,6 @@ SHORT = [
     "hdcnn.fine_epochs=1",
     "hdcnn.finetune_epochs=1",
 ]
-
-
-class SoftmaxAverage(nn.Module):
-    """ConvNet fusion: log of the mean softmax of several models."""
-
-    def __init__(self, *models: nn.Module) -> None:
-        super().__init__()
-        self.models = nn.ModuleList(models)
-
-    def forward(self, x: Tensor) -> Tensor:
-        probs = torch.stack([torch.softmax(m(x).float(), 1) for m in self.models]).mean(0)
-        return probs.clamp_min(1e-12).log()
 
 
 # coarse + fine components, each layer quantised along its longer side (W^T for fc1 and the 3x3 convs)
@@ -305,7 +294,7 @@ def main() -> None:
     best = tuned[f"lambda={lam:g}"]
     rows = [
         _row("building block", block.to(device), test, device),
-        _row("average of two building blocks", SoftmaxAverage(block, block2).to(device), test, device),
+        _row("average of two building blocks", Fusion(block, block2).to(device), test, device),
         _row("HD-CNN, no fine-tuning", initial.to(device), test, device),
         *(_row(f"HD-CNN, fine-tuned, {key}", model.to(device), test, device) for key, model in tuned.items()),
     ]

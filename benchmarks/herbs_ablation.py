@@ -6,9 +6,12 @@ optimiser, schedule and epochs; only the head and the loss differ:
 - ``plain``: the backbone's own classifier, cross-entropy;
 - ``herbs``: full HERBS (feature pyramid, selector, combiner, refinement);
 - ``bs``: basic background suppression on the last block;
-- ``refine``: basic high-temperature refinement on the last two blocks.
+- ``refine``: basic high-temperature refinement on the last two blocks;
+- ``nosel``: full HERBS with the selector off (``herbs.use_selection=false``): feature pyramid and
+  token-averaged heads without background suppression.
 
-Test top-1 is measured on the official 10k test images. Cost of HERBS over its backbone, measured in
+Test top-1 is measured on the official 10k test images (``--folder``: a stratified ``--test-fraction`` of
+the tree carved with ``--data-seed``, never trained on). Cost of HERBS over its backbone, measured in
 the same run on the same machine: forward time (eval mode, ``inference_mode``), parameters, and
 training activation memory (bytes of the tensors autograd saves for backward in one training step;
 plus peak CUDA memory on a GPU).
@@ -17,16 +20,23 @@ plus peak CUDA memory on a GPU).
 "Recurrent Models of Visual Attention", 2014): each garment is placed at a random position on an S x S
 black canvas together with ``--fragments`` pieces (``--fragment-size`` square) cut from other images of
 the same split, so that the image has background, and background that looks like other classes. The
-placements are fixed per split by the seed; every arm sees the same images.
+placements are fixed per split by ``--data-seed``; every arm sees the same images.
+
+``--folder ROOT`` trains on a class-per-folder tree of small images instead (e.g. the CIFAR-10 JPEGs),
+decoded once through the toolkit's image cache. ``--seed`` sets the initialisation and the data order;
+``--data-seed`` the training subset, the carved test part and the clutter, so seeds of one data set
+differ only in training randomness. ``benchmarks/seeds.py`` tabulates the JSON of several seeds.
 
 Full run (the lead):   python benchmarks/herbs_ablation.py --epochs 15
 Short run (shared CPU): python benchmarks/herbs_ablation.py --epochs 1 --limit-train 6000 --limit-test 2000
 With background:       python benchmarks/herbs_ablation.py --canvas 48 --limit-train 15000 --epochs 10
+A photo tree:          python benchmarks/herbs_ablation.py --folder ~/data/cifar10-jpeg/train --amp bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -38,16 +48,19 @@ import torch
 from torch import Tensor, nn
 
 from coarse2fine.config import HERBSConfig
+from coarse2fine.data.cache import cached_images
 from coarse2fine.data.fashion_mnist import FashionMNIST
+from coarse2fine.data.folder import ImageFolderDataset, common_image_size
+from coarse2fine.data.split import carve_test
 from coarse2fine.data.transforms import BatchAugment
 from coarse2fine.engine.objective import CrossEntropyObjective, logits_of
 from coarse2fine.herbs import build_herbs
 from coarse2fine.models import create_model
 
-ARMS = ("plain", "herbs", "bs", "refine")
+ARMS = ("plain", "herbs", "bs", "refine", "nosel")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the data module's search)")
     p.add_argument("--model", default="vgg_small_bn")
@@ -62,7 +75,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--temperature-period", type=int, default=5)
     p.add_argument("--num-selects", default=None, help="K_i per stage, e.g. 0.5,0.5,0.67 (default: official)")
     p.add_argument("--lambda-dropped", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--data-seed", type=int, default=0, help="training subset, carved test part, clutter")
+    p.add_argument("--folder", default=None, help="class-per-folder tree of small images instead of Fashion-MNIST")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="with --folder: the carved test part")
+    p.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast for training and test")
     p.add_argument("--canvas", type=int, default=0, help="cluttered translated images on this canvas (0: off)")
     p.add_argument("--fragments", type=int, default=8, help="clutter pieces per image (with --canvas)")
     p.add_argument("--fragment-size", type=int, default=10)
@@ -72,7 +89,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timing-batch", type=int, default=256)
     p.add_argument("--timing-reps", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the rows here (rewritten after every arm)")
-    return p.parse_args()
+    return p.parse_args(argv)
+
+
+def load_data(args: argparse.Namespace) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[str]]:
+    """(train images, targets), (test images, targets), class names: Fashion-MNIST's official split, or a
+    folder tree's images (uint8, from the image cache) with a stratified test part carved out."""
+    if args.folder is None:
+        train_set = FashionMNIST(args.root, split="train")
+        test_set = FashionMNIST(args.root, split="test")
+        return (
+            (train_set.images, torch.as_tensor(train_set.targets)),
+            (test_set.images, torch.as_tensor(test_set.targets)),
+            list(train_set.classes),
+        )
+    files = ImageFolderDataset(args.folder)
+    size = common_image_size(files.paths)
+    if size is None:
+        raise SystemExit(f"{args.folder}: the images do not share one size (this benchmark holds them in memory)")
+    mem = cached_images(files, size, workers=2, progress=True, strict=True)
+    assert mem is not None  # strict: a bad size raised
+    targets = torch.as_tensor(mem.targets)
+    test = torch.from_numpy(carve_test(mem.targets, list(mem.classes), args.test_fraction, seed=args.data_seed))
+    return (mem.images[~test], targets[~test]), (mem.images[test], targets[test]), list(mem.classes)
 
 
 def subset(images: Tensor, targets: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
@@ -129,8 +168,8 @@ def save_examples(images: Tensor, path: str) -> None:
 def make_arm(arm: str, args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(model, objective, backbone) for one arm; the backbone is initialised from the same seed."""
     torch.manual_seed(args.seed)
-    size = args.canvas or 28
-    backbone = create_model(args.model, num_classes=num_classes, in_chans=1, input_size=size)
+    size, chans = args.size, args.chans
+    backbone = create_model(args.model, num_classes=num_classes, in_chans=chans, input_size=size)
     if arm == "plain":
         return backbone, CrossEntropyObjective(), backbone
     selects = [float(v) for v in args.num_selects.split(",")] if args.num_selects else None
@@ -141,16 +180,25 @@ def make_arm(arm: str, args: argparse.Namespace, num_classes: int) -> tuple[nn.M
         temperature_period=args.temperature_period,
         num_selects=selects,
         lambda_dropped=args.lambda_dropped,
-        basic=None if arm == "herbs" else arm,
+        basic=arm if arm in ("bs", "refine") else None,
+        use_selection=arm != "nosel",
     )
-    model, objective = build_herbs(backbone, num_classes, cfg, input_size=(1, size, size))
+    model, objective = build_herbs(backbone, num_classes, cfg, input_size=(chans, size, size))
     return model, objective, backbone
 
 
-def accuracy(model: nn.Module, images: Tensor, targets: Tensor, norm: BatchAugment, device: str) -> float:
+def amp(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the run's device (``--amp bf16``), else nothing."""
+    if args.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+
+
+def accuracy(model: nn.Module, images: Tensor, targets: Tensor, norm: BatchAugment, args: argparse.Namespace) -> float:
     model.eval()
     correct = 0
-    with torch.inference_mode():
+    device = args.device
+    with torch.inference_mode(), amp(args):
         for i in range(0, len(targets), 1000):
             x = norm(images[i : i + 1000]).to(device)
             correct += int((logits_of(model(x)).argmax(-1).cpu() == targets[i : i + 1000]).sum())
@@ -181,7 +229,8 @@ def train(
             idx = order[i : i + args.batch_size]
             x = aug(images[idx], gen).to(args.device)
             y = targets[idx].to(args.device)
-            loss = objective(model(x), y)["loss"]
+            with amp(args):
+                loss = objective(model(x), y)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -234,29 +283,30 @@ def n_params(model: nn.Module, trainable: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {ARMS}")
-    train_set = FashionMNIST(args.root, split="train")
-    test_set = FashionMNIST(args.root, split="test")
-    xtr, ytr = subset(train_set.images, torch.as_tensor(train_set.targets), args.limit_train, args.seed)
-    xte, yte = subset(test_set.images, torch.as_tensor(test_set.targets), args.limit_test, args.seed + 1)
-    size = args.canvas or 28
+    (xtr, ytr), (xte, yte), classes = load_data(args)
+    ds = args.data_seed
+    xtr, ytr = subset(xtr, ytr, args.limit_train, ds)
+    xte, yte = subset(xte, yte, args.limit_test, ds + 1)
     if args.canvas:
-        xtr = clutter(xtr, size, args.fragments, args.fragment_size, args.seed + 2)
-        xte = clutter(xte, size, args.fragments, args.fragment_size, args.seed + 3)
+        xtr = clutter(xtr, args.canvas, args.fragments, args.fragment_size, ds + 2)
+        xte = clutter(xte, args.canvas, args.fragments, args.fragment_size, ds + 3)
         if args.save_examples:
             save_examples(xtr, args.save_examples)
+    size = args.size = int(xtr.shape[-1])
+    args.chans = int(xtr.shape[1])
     pix = xtr.float().div(255)
-    mean, std = [pix.mean().item()], [pix.std().item()]
-    aug = BatchAugment(mean, std, size=size, train=True, pad=2, flip=True)
+    mean, std = pix.mean((0, 2, 3)).tolist(), pix.std((0, 2, 3)).tolist()
+    aug = BatchAugment(mean, std, size=size, train=True, pad=2 if args.folder is None else 4, flip=True)
     norm = BatchAugment(mean, std, size=size, train=False)
-    num_classes = len(train_set.classes)
+    num_classes = len(classes)
 
     rows: list[dict[str, Any]] = []
     x_time = norm(xte[: args.timing_batch]).to(args.device)
@@ -274,7 +324,7 @@ def main() -> None:
         rows.append(
             {
                 "arm": arm,
-                "top1": accuracy(model, xte, yte, norm, args.device),
+                "top1": accuracy(model, xte, yte, norm, args),
                 "sec_epoch": sec,
                 "time_ratio": t_model / t_backbone,
                 "ms": 1000 * t_model,
@@ -287,11 +337,12 @@ def main() -> None:
         print(f"done: {rows[-1]}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    data = "28 x 28"
+    data = f"Fashion-MNIST {size} x {size}" if args.folder is None else f"{args.folder} {size} x {size}"
     if args.canvas:
-        data = f"cluttered {size} x {size} ({args.fragments} pieces of {args.fragment_size} px)"
+        data = f"Fashion-MNIST cluttered {size} x {size} ({args.fragments} pieces of {args.fragment_size} px)"
     print(
-        f"\nFashion-MNIST {data}, backbone {args.model}, {args.epochs} epoch(s), {len(ytr)} training / {len(yte)} "
+        f"\n{data}, seed {args.seed}, amp {args.amp}, backbone {args.model}, {args.epochs} epoch(s), "
+        f"{len(ytr)} training / {len(yte)} "
         f"test images, batch {args.batch_size}, device {args.device}\n"
     )
     print(table(rows, args.timing_batch))

@@ -9,13 +9,18 @@ import contextlib
 import importlib.util
 import io
 import itertools
+import json
 import math
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from helpers.data import write_fashion_mnist
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -127,3 +132,61 @@ def test_time_to_accuracy_summary() -> None:
     args = fm.parse_args(["--arm", "a", "train.epochs=2", "--arm", "b", "train.amp=bf16"])
     assert args.arm == [["a", "train.epochs=2"], ["b", "train.amp=bf16"]]
     assert isinstance(args, argparse.Namespace)
+
+
+def test_seed_table_means_spreads_and_paired_deltas(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    sd = _load("seeds")
+    runs = [{"rows": [{"arm": "plain", "top1": p}, {"arm": "herbs", "top1": h}]}
+            for p, h in ((0.80, 0.82), (0.70, 0.73), (0.75, 0.76))]
+    files = []
+    for i, run in enumerate(runs):
+        files.append(tmp_path / f"s{i}.json")
+        files[-1].write_text(json.dumps(run))
+    assert sd.main([str(f) for f in files]) == 0
+    rows = {r[0]: r for r in _table_rows(capsys.readouterr().out)}
+    assert rows["plain"][1] == "3" and rows["plain"][2].startswith("75.00 ± 5.00 (70.00-80.00)")
+    assert rows["herbs"][3].startswith("2.00 ± 1.00 (1.00-3.00)")  # paired: +2, +3, +1 points
+    assert float(rows["herbs"][4]) == pytest.approx((1 - 0.77) / (1 - 0.75), abs=1e-3)
+    assert sd.spread([0.5]) == "50.00"
+
+
+def test_herbs_ablation_on_a_folder_tree_with_the_selector_off(tmp_path: Path) -> None:
+    """``--folder``: a tree's images through the image cache, a carved stratified test part; ``nosel``
+    is full HERBS without the selector (no dropped loss, no selection)."""
+    ha = _load("herbs_ablation")
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tree"
+    for i in range(30):
+        (root / "abc"[i % 3]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "abc"[i % 3] / f"{i}.png")
+    out = tmp_path / "rows.json"
+    ha.main(["--folder", str(root), "--test-fraction", "0.2", "--arms", "plain,nosel", "--epochs", "1",
+             "--batch-size", "8", "--timing-batch", "4", "--timing-reps", "1", "--threads", "1", "--amp", "bf16",
+             "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["plain", "nosel"]
+    assert all(0.0 <= r["top1"] <= 1.0 and r["params"] > 0 for r in rows)
+    args = ha.parse_args(["--folder", str(root), "--arms", "nosel"])
+    args.size, args.chans = 32, 3
+    model, _, _ = ha.make_arm("nosel", args, 3)
+    assert model.selector is None and model.combiner is not None
+
+
+@pytest.mark.slow  # ~40 s of CPU: two blocks and two HD-CNNs, one epoch each on 200 images
+def test_hdcnn_seeds_rows_share_the_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hs = _load("hdcnn_seeds")
+    write_fashion_mnist(tmp_path / "fm", n_train=200, n_test=40)
+    argv = ["--seed", "3", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "s3.json"),
+            "--set", f"data.root={tmp_path / 'fm'}", "--set", "hdcnn.block_epochs=1", "--set", "hdcnn.fine_epochs=1",
+            "--set", "hdcnn.finetune_epochs=1", "--set", "data.batch_size=32", "--set", "hdcnn.num_coarse=3"]
+    assert hs.main(argv) == 0
+    result = json.loads((tmp_path / "s3.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == [
+        "building block", "average of two building blocks", "HD-CNN, spectral hierarchy", "HD-CNN, auto hierarchy"]
+    assert result["test_images"] == 40 and set(result["groups"]) == {"spectral", "auto"}
+    seed_dir = tmp_path / "runs" / "seed3"
+    assert (seed_dir / "block" / "block.pt").is_file() and (seed_dir / "second_block" / "block.pt").is_file()
+    assert not (seed_dir / "auto" / "block.pt").exists()  # the HD-CNNs reuse the seed's block
+    first = [r["top1"] for r in result["rows"]]
+    assert hs.main(argv) == 0  # every stage cached: the same numbers, nothing trained again
+    assert [r["top1"] for r in json.loads((tmp_path / "s3.json").read_text())["rows"]] == first

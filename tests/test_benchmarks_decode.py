@@ -135,3 +135,38 @@ def test_config_key() -> None:
     assert load_config(None, ["data.decode_device=cuda"]).data.decode_device == "cuda"
     with pytest.raises(Exception, match="decode_device"):
         load_config(None, ["data.decode_device=gpu"])
+
+
+def test_recipe_builds_device_loaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data.decode_device: cuda`` gives a run's loaders the device path (run here on the CPU: the device
+    is patched); its evaluation batches match the Pillow loader's of the same recipe, image for image."""
+    import coarse2fine.recipes.data as recipe_data
+    from coarse2fine.recipes import build_datasets, build_loaders
+
+    root = _tree(tmp_path / "tree", SIZES * 2)
+    sets = [f"data.root={root}", "data.name=folder", "data.test_fraction=0.25", "data.val_fraction=0.2",
+            "data.workers=0", "data.image_size=32", "data.train_scale=[36]", "data.batch_size=4", "data.cache=off"]
+    monkeypatch.setattr(recipe_data, "resolve_device", lambda device: torch.device("cpu"))
+    loaders = {}
+    for where in ("cpu", "cuda"):
+        cfg = load_config(None, [*sets, f"data.decode_device={where}", f"train.device={where}"])
+        bundle = build_datasets(cfg)
+        loaders[where] = build_loaders(cfg, bundle)
+    device, pillow = loaders["cuda"], loaders["cpu"]
+    assert all(isinstance(ld, DeviceDecodeLoader) for ld in (device.train, device.val, device.test))
+    assert not isinstance(pillow.test, DeviceDecodeLoader)
+    x, y = next(iter(device.train))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    (xd, yd), (xp, yp) = (tuple(torch.cat(t) for t in zip(*ld.test)) for ld in (device, pillow))
+    assert torch.equal(yd, yp)
+    grey = (xd - xp).abs() * torch.tensor(bundle.stats["std"]).view(1, 3, 1, 1) * 255
+    assert grey.mean() < 2 and grey.max() < 40
+
+
+def test_device_decoding_needs_a_gpu_run() -> None:
+    from coarse2fine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.decode_device.*train\.device is cpu"):
+        load_config(None, ["data.decode_device=cuda", "train.device=cpu"])
+    with pytest.raises(ConfigError, match=r"data\.decode_device.*auto_augment"):
+        load_config(None, ["data.decode_device=cuda", "data.auto_augment=rand"])

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from coarse2fine.engine.protocols import (
     PROTOCOLS,
+    Fusion,
     default_scales,
     default_test_scale,
     evaluate_protocol,
@@ -173,3 +174,25 @@ def test_protocol_errors() -> None:
         predict_views(model, x, "multicrop", scales=[20, 28])
     with pytest.raises(ModelError, match="to_dense"):
         predict_views(Counting(), torch.rand(1, 1, 8, 8), "dense")
+
+
+def test_fusion_module_is_the_log_of_the_mean_softmax() -> None:
+    """eq. (4) as one model: its softmax is the mean of the members' softmax; dict outputs count by "logits"."""
+
+    class DictOut(nn.Module):
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            return {"logits": self.m(x), "other": x}
+
+    a, b = tiny_vgg(0), tiny_vgg(1)
+    x = batches()[0][0]
+    with torch.inference_mode():
+        fused = Fusion(a, DictOut(b))(x)
+        expected = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+    torch.testing.assert_close(torch.softmax(fused, 1), expected)
+    assert not torch.allclose(expected, torch.softmax(a(x), 1))
+    with pytest.raises(ModelError):
+        Fusion()

@@ -181,8 +181,8 @@ class DataConfig:
     mix_prob: float = setting(1.0, ge=0, le=1)  # probability that a batch is mixed (mixup or cutmix)
     mix_switch_prob: float = setting(0.5, ge=0, le=1)  # both on: probability of cutmix instead of mixup
 
-    # file datasets: where JPEGs are decoded and augmented; cuda: workers read bytes, batches decoded on the GPU
-    # (data.device_decode.DeviceDecodeLoader; recipes.data does not pass it on yet, see docs/BENCHMARKS.md)
+    # file datasets of large images: where JPEGs are decoded and augmented; cuda: workers read bytes, batches are
+    # decoded (nvJPEG) and transformed on the training GPU (data.device_decode; docs/BENCHMARKS.md)
     decode_device: Literal["cpu", "cuda"] = "cpu"
 
     @property
@@ -391,6 +391,14 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
     def _problems(self) -> Iterator[tuple[str, str]]:
+        if self.data.decode_device == "cuda":
+            if self.train.device == "cpu":
+                yield "data.decode_device", "cuda decodes on the training GPU, but train.device is cpu; set it to cpu"
+            if self.data.auto_augment is not None:
+                yield "data.decode_device", (
+                    f"cuda has no data.auto_augment={quote(self.data.auto_augment)} on the device; "
+                    "set data.decode_device=cpu or data.auto_augment=null"
+                )
         if self.data.mixing and self.method != "plain":
             keys = "data.mixup_alpha / data.cutmix_alpha"
             yield "data.mixup_alpha", (

@@ -38,6 +38,22 @@ from coarse2fine.engine.objective import logits_of
 from coarse2fine.errors import ConfigError, ModelError
 
 PROTOCOLS = ("center", "dense", "multicrop", "multiscale", "dense+multicrop")
+
+
+class Fusion(nn.Module):
+    """ConvNet fusion of trained models as one model (METHODS.md eq. (4)): the log of the mean of their
+    softmax (of the logits, or of a dict output's ``"logits"``), in fp32 under autocast, so that any
+    evaluator that takes logits (arg max, softmax) sees the fused prediction."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        super().__init__()
+        if not models:
+            raise ModelError("Fusion needs at least one model")
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = torch.stack([torch.softmax(logits_of(m(x)).float(), 1) for m in self.models]).mean(0)
+        return probs.clamp_min(1e-12).log()
 GRID = 5
 
 

@@ -17,8 +17,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from coarse2fine import data as D
 from coarse2fine.config import RunConfig
+from coarse2fine.data.device_decode import DeviceDecodeLoader, DeviceTransform, device_transforms
 from coarse2fine.engine.checkpoint import atomic_write_text
-from coarse2fine.engine.evaluate import metrics_from_probs
+from coarse2fine.engine.evaluate import metrics_from_probs, resolve_device
 from coarse2fine.engine.protocols import collate_list, evaluate_protocol
 from coarse2fine.errors import ConfigError, DataError
 from coarse2fine.facts import RunFacts
@@ -211,7 +212,18 @@ TRANSFORM_SETTINGS = (
 
 
 def transforms_for(cfg: RunConfig, stats: dict[str, Any], image_size: int, in_memory: bool) -> tuple[Any, Any]:
-    """(train, eval) transforms of the run's data settings (``data.build_transforms``)."""
+    """(train, eval) transforms of the run's data settings (``data.build_transforms``); for file datasets
+    with ``data.decode_device: cuda``, the same pipeline as device transforms (``data.device_decode``)."""
+    d = cfg.data
+    if d.decode_device == "cuda" and not in_memory:
+        return device_transforms(
+            stats,
+            image_size=image_size,
+            train_scale=d.train_scale,
+            test_scale=d.test_scale,
+            flip=d.flip,
+            color_shift=d.color_shift,
+        )
     settings = {key: getattr(cfg.data, key) for key in TRANSFORM_SETTINGS}
     return D.build_transforms(stats, in_memory=in_memory, image_size=image_size, **settings)
 
@@ -271,7 +283,23 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
 def _loader(
     cfg: RunConfig, dataset: Any, transform: Any, batch_size: int, *, train: bool, rank: int, world_size: int
 ) -> Any:
-    """Training loaders shuffle and drop the last partial batch; evaluation loaders cover the split once."""
+    """Training loaders shuffle and drop the last partial batch; evaluation loaders cover the split once.
+    A device transform (``data.decode_device: cuda``) gets a loader whose workers read bytes and whose
+    batches are decoded and transformed on the training device."""
+    if isinstance(transform, DeviceTransform):
+        return DeviceDecodeLoader(
+            dataset,
+            transform,
+            device=resolve_device(cfg.train.device),
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            workers=cfg.data.workers,
+            pad_shards=train,
+        )
     return D.build_loader(
         dataset,
         transform,

@@ -184,12 +184,13 @@ def _loader(trained: Trained, req: PredictRequest, paths: list[str], policy: str
         mode="L" if f.in_chans == 1 else "RGB",
         bad_images=policy,
     )
-    transform = trained.eval_transform()
+    transform = trained.eval_transform(on_device=False)  # the rows keep file order through _Indexed
     if getattr(transform, "batched", False):
         transform = _PerImage(transform)
     d = trained.cfg.data
     data = dataclasses.replace(
         d,
+        decode_device="cpu",
         workers=d.workers if req.workers is None else req.workers,
         eval_batch_size=req.batch_size or d.eval_batch_size,
     )

@@ -4,6 +4,7 @@ needed to feed it images."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,14 @@ class Trained:
                 return folder
         return None
 
-    def eval_transform(self) -> Any:
-        """The eval transform the model was validated with (statistics stored in the checkpoint)."""
+    def eval_transform(self, *, on_device: bool = True) -> Any:
+        """The eval transform the model was validated with (statistics stored in the checkpoint);
+        ``on_device=False``: the CPU pipeline even for a run that decoded on the GPU (``data.decode_device``)."""
         f = self.facts
-        return transforms_for(self.cfg, f.data_stats, f.image_size, f.in_memory)[1]
+        cfg = self.cfg
+        if not on_device:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decode_device="cpu"))
+        return transforms_for(cfg, f.data_stats, f.image_size, f.in_memory)[1]
 
 
 def stored_config(data: dict[str, Any]) -> dict[str, Any]:
