@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,24 @@ def test_resumed_schedule_follows_the_new_length(name: str) -> None:
     got = _run_steps(longer, 5)
     assert got[1:] == pytest.approx(expected[1:])  # the lr right after loading is the old schedule's last
     assert longer.steps == 10
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    ev = sys.modules["coarse2fine.engine.evaluate"]  # the package's `evaluate` is the function
+    cpu = torch.device("cpu")
+    ev._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(ev, "cpu_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="coarse2fine.engine.evaluate"):
+        assert ev.autocast_dtype("bf16", cpu) is torch.bfloat16
+        assert ev.autocast_dtype("bf16", cpu) is torch.bfloat16
+        assert ev.autocast_dtype("off", cpu) is None
+    warned = [r for r in caplog.records if "train.amp=off" in r.getMessage()]
+    assert len(warned) == 1
+    ev._warn_emulated_bf16.cache_clear()
+    caplog.clear()
+    monkeypatch.setattr(ev, "cpu_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="coarse2fine.engine.evaluate"):
+        ev.autocast_dtype("bf16", cpu)
+    assert not caplog.records
+    monkeypatch.undo()
+    assert ev.cpu_native_bf16() in (True, False, None)

@@ -8,6 +8,8 @@ optional ``"heads"``). Under several processes each rank evaluates its own shard
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -24,6 +26,8 @@ from coarse2fine.engine.checkpoint import atomic_write, atomic_write_json
 from coarse2fine.engine.objective import Objective, heads_of, logits_of
 from coarse2fine.engine.progress import progress as progress_of
 from coarse2fine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,12 +108,32 @@ def autocast_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if amp == "bf16":
+        if device.type == "cpu" and cpu_native_bf16() is False:
+            _warn_emulated_bf16()
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
     if amp == "off":
         return None
     raise ConfigError(f"train.amp: unknown value {amp!r}; choose auto, bf16, fp16 or off")
+
+
+@functools.cache
+def cpu_native_bf16() -> bool | None:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX, from ``/proc/cpuinfo``); None: unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    log.warning(
+        "train.amp=bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): it is emulated and can "
+        "be slower than fp32; --set train.amp=off"
+    )
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
