@@ -30,10 +30,26 @@ import torch
 from torch import nn
 
 from coarse2fine.config import RunConfig, load_config
-from coarse2fine.engine.evaluate import apply_threads, evaluate
+from coarse2fine.engine.evaluate import apply_threads, evaluate, predict_proba
 from coarse2fine.engine.protocols import Fusion
+from coarse2fine.hierarchy import cluster_partition, confusion_matrix, distance_matrix
 from coarse2fine.recipes import build_datasets, build_loaders
 from coarse2fine.recipes.hdcnn import StagePaths, pretrain_stages, stage_block, stage_finetune
+
+METHODS = ("spectral", "agglomerative", "affinity", "auto")  # METHODS.md §2.1's clustering methods
+
+
+def hierarchy_methods(cfg: RunConfig, block: nn.Module, loaders: Any, classes: list[str]) -> dict[str, Any]:
+    """Every clustering method's partition of the block's held-out confusion at the recipe's K: groups,
+    confusion kept inside groups (11a) and normalised cut (11b), all on the same matrix."""
+    probs, targets = predict_proba(block, loaders.val, device=cfg.train.device, amp=cfg.train.amp)
+    D = distance_matrix(confusion_matrix(probs, targets, len(classes)))
+    out = {}
+    for method in METHODS:
+        labels, info = cluster_partition(D, cfg.hdcnn.num_coarse, method=method, seed=cfg.seed)
+        groups = [[classes[j] for j in range(len(classes)) if labels[j] == k] for k in sorted(set(labels.tolist()))]
+        out[method] = {"groups": groups, **{k: info["quality"][k] for k in ("confusion_kept", "ncut")}}
+    return out
 
 
 def _hdcnn(cfg: RunConfig, clustering: str, block_path: str, bundle: Any, loaders: Any, seed_dir: Path) -> dict:
@@ -59,6 +75,7 @@ def run_seed(cfg: RunConfig, clusterings: list[str]) -> dict[str, Any]:
     block2, _ = stage_block(cfg2, bundle, loaders, StagePaths(seed_dir / "second_block"), resume=True, progress=True)
     models: dict[str, nn.Module] = {"building block": block, "average of two building blocks": Fusion(block, block2)}
     groups: dict[str, Any] = {}
+    methods = hierarchy_methods(cfg, block, loaders, list(bundle.classes))
     for c in clusterings:
         got = _hdcnn(cfg, c, block_path, bundle, loaders, seed_dir)
         models[f"HD-CNN, {c} hierarchy"] = got["model"]
@@ -71,7 +88,13 @@ def run_seed(cfg: RunConfig, clusterings: list[str]) -> dict[str, Any]:
                        amp=cfg.train.amp, channels_last=cfg.train.channels_last)
         rows.append({"variant": name, "top1": res.top1, "top5": res.top5})
         print(f"seed {cfg.seed}: {name}: {100 * res.top1:.2f} %", flush=True)
-    return {"rows": rows, "groups": groups, "train_seconds": train_seconds, "test_images": len(bundle.test)}
+    return {
+        "rows": rows,
+        "groups": groups,
+        "hierarchy_methods": methods,
+        "train_seconds": train_seconds,
+        "test_images": len(bundle.test),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     for c, g in result["groups"].items():
         q = g["quality"]
         print(f"{c}: {g['partial_sets']}; confusion kept inside groups {q.get('confusion_kept', float('nan')):.3f}")
+    for m, q in result["hierarchy_methods"].items():
+        print(f"  {m}: kept {q['confusion_kept']:.3f}, ncut {q['ncut']:.3f}: {q['groups']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     return 0

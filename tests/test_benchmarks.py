@@ -184,6 +184,9 @@ def test_hdcnn_seeds_rows_share_the_block(tmp_path: Path, capsys: pytest.Capture
     assert [r["variant"] for r in result["rows"]] == [
         "building block", "average of two building blocks", "HD-CNN, spectral hierarchy", "HD-CNN, auto hierarchy"]
     assert result["test_images"] == 40 and set(result["groups"]) == {"spectral", "auto"}
+    methods = result["hierarchy_methods"]
+    assert set(methods) == {"spectral", "agglomerative", "affinity", "auto"}
+    assert all(0 <= m["confusion_kept"] <= 1 and sum(map(len, m["groups"])) == 10 for m in methods.values())
     seed_dir = tmp_path / "runs" / "seed3"
     assert (seed_dir / "block" / "block.pt").is_file() and (seed_dir / "second_block" / "block.pt").is_file()
     assert not (seed_dir / "auto" / "block.pt").exists()  # the HD-CNNs reuse the seed's block
