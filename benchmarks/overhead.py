@@ -53,6 +53,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 
 from coarse2fine.config import RunConfig, load_config
 from coarse2fine.engine import Callback, FitSetup, RunFolder, default_callbacks, fit
+from coarse2fine.engine.allocator import tune_malloc
 from coarse2fine.engine.evaluate import autocast, autocast_dtype, resolve_device
 from coarse2fine.recipes import build_datasets
 from coarse2fine.recipes.data import build_loaders
@@ -189,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/fashion_mnist_vgg.yaml")
     p.add_argument("--data", choices=["recipe", "folder"], default="recipe",
                    help="folder: a generated JPEG tree (data.name=folder) instead of the recipe's data")
+    p.add_argument("--malloc", choices=["cli", "default"], default="cli",
+                   help="cli: malloc thresholds fixed as `c2f` does (engine/allocator.py); default: glibc's")
     p.add_argument("--folder-root", default=os.path.join(tempfile.gettempdir(), "c2f_overhead_jpeg"))
     p.add_argument("--folder-images", type=int, default=200, help="training images per class (10 classes)")
     p.add_argument("--limit-train", type=int, default=6400)
@@ -254,6 +257,7 @@ def summarise(results: dict[str, list[dict[str, float]]], images: int, epochs: i
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tuned = tune_malloc() if args.malloc == "cli" else False
     cfg = build_config(args)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     loaders = build_loaders(cfg, bundle)
     images = len(loaders.train) * cfg.data.batch_size
     print(f"command: {' '.join(sys.argv)}")
-    print(f"machine: {load_machine()} (at the start)")
+    print(f"machine: {load_machine()} (at the start); malloc thresholds fixed as c2f does: {tuned}")
     print(f"recipe: {args.config} data={cfg.data.name} model={cfg.model.name} batch={cfg.data.batch_size} "
           f"train images/epoch={images} val images={len(bundle.val)} epochs={cfg.train.epochs} "
           f"amp={cfg.train.amp} channels_last={cfg.train.channels_last}\n")

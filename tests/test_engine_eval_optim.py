@@ -245,3 +245,20 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch: pytest.Monkey
     assert not caplog.records
     monkeypatch.undo()
     assert ev.cpu_native_bf16() in (True, False, None)
+
+
+def test_tune_malloc_applies_on_glibc_and_respects_the_users_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI fixes glibc's malloc thresholds (engine/allocator.py); a user's MALLOC_* or LD_PRELOAD wins."""
+    import platform
+
+    from coarse2fine.engine.allocator import ENV_KEYS, tune_malloc
+
+    for key in ("LD_PRELOAD", *ENV_KEYS):
+        monkeypatch.delenv(key, raising=False)
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert tune_malloc() is on_glibc
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert tune_malloc() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert tune_malloc() is False

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from coarse2fine.cli import compress, demo, explain, export, hdcnn, hierarchy, models, predict, train
 from coarse2fine.cli import eval as eval_
 from coarse2fine.config import clip
+from coarse2fine.engine.allocator import tune_malloc
 from coarse2fine.errors import C2FError
 
 VERBS = (train, eval_, predict, export, models, demo, hierarchy, compress, hdcnn, explain)
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
     )
+    tune_malloc()  # CPU training: freed activations stay in the process (engine/allocator.py)
     try:
         return int(args.func(args) or 0)
     except C2FError as exc:
