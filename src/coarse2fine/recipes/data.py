@@ -286,33 +286,11 @@ def _loader(
     """Training loaders shuffle and drop the last partial batch; evaluation loaders cover the split once.
     A device transform (``data.decode_device: cuda``) gets a loader whose workers read bytes and whose
     batches are decoded and transformed on the training device."""
+    common: dict[str, Any] = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=cfg.seed, rank=rank)
+    common.update(world_size=world_size, workers=cfg.data.workers, pad_shards=train)
     if isinstance(transform, DeviceTransform):
-        return DeviceDecodeLoader(
-            dataset,
-            transform,
-            device=resolve_device(cfg.train.device),
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world_size,
-            workers=cfg.data.workers,
-            pad_shards=train,
-        )
-    return D.build_loader(
-        dataset,
-        transform,
-        batch_size=batch_size,
-        shuffle=train,
-        drop_last=train,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world_size,
-        workers=cfg.data.workers,
-        pin_memory=cfg.train.device != "cpu",
-        pad_shards=train,
-    )
+        return DeviceDecodeLoader(dataset, transform, device=resolve_device(cfg.train.device), **common)
+    return D.build_loader(dataset, transform, pin_memory=cfg.train.device != "cpu", **common)
 
 
 def eval_loader(cfg: RunConfig, dataset: Any, transform: Any, *, rank: int = 0, world_size: int = 1) -> Any:
