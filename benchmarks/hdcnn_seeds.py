@@ -13,7 +13,7 @@ held-out validation split.
     python benchmarks/hdcnn_seeds.py --seed 0 --json runs/hd_s0.json --set hdcnn.block_epochs=8
     python benchmarks/hdcnn_seeds.py --config configs/hdcnn_fashion_mnist.yaml --seed 1 \\
         --set data.name=folder --set data.root=~/data/cifar10-jpeg/train --set hdcnn.num_coarse=3
-    python benchmarks/seeds.py runs/hd_s*.json --base "building block"
+    python benchmarks/hdcnn_seeds.py --table runs/hd_s*.json      # the tables over the seeds' JSON files
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from coarse2fine.engine.protocols import Fusion
 from coarse2fine.hierarchy import cluster_partition, confusion_matrix, distance_matrix
 from coarse2fine.recipes import build_datasets, build_loaders
 from coarse2fine.recipes.hdcnn import StagePaths, pretrain_stages, stage_block, stage_finetune
+from seeds import seed_table, spread  # benchmarks/seeds.py
 
 METHODS = ("spectral", "agglomerative", "affinity", "auto")  # METHODS.md §2.1's clustering methods
 
@@ -97,6 +98,26 @@ def run_seed(cfg: RunConfig, clusterings: list[str]) -> dict[str, Any]:
     }
 
 
+def tables(files: list[str]) -> str:
+    """Test top-1 over the seeds (paired against the block), then each clustering method's confusion kept
+    inside groups (11a) and normalised cut (11b) on the same blocks' held-out confusion."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    out = [seed_table(runs, key="variant", value="top1", base="building block", label="test top-1")]
+    out += [
+        "",
+        "| clustering (K from the recipe) | confusion kept inside groups % | normalised cut | groups (first seed) |",
+        "|---|---|---|---|",
+    ]
+    for method in METHODS:
+        got = [r["hierarchy_methods"][method] for r in runs if method in r.get("hierarchy_methods", {})]
+        if got:
+            groups = " ".join("{" + ", ".join(g) + "}" for g in got[0]["groups"])
+            kept = spread([g["confusion_kept"] for g in got], digits=1)
+            ncut = spread([g["ncut"] for g in got], scale=1.0, digits=3)
+            out.append(f"| {method} | {kept} | {ncut} | {groups} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/hdcnn_fashion_mnist.yaml")
@@ -105,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clusterings", default="spectral,auto")
     ap.add_argument("--out", default="runs/bench_hdcnn_seeds")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="only print the tables of these runs")
     args = ap.parse_args(argv)
+    if args.table:
+        print(tables(args.table))
+        return 0
     overrides = [*args.overrides, f"seed={args.seed}", f"out_dir={args.out}", f"name=seed{args.seed}"]
     cfg = load_config(args.config, overrides)
     apply_threads(cfg.train.threads)

@@ -173,7 +173,10 @@ def test_herbs_ablation_on_a_folder_tree_with_the_selector_off(tmp_path: Path) -
 
 
 @pytest.mark.slow  # ~40 s of CPU: two blocks and two HD-CNNs, one epoch each on 200 images
-def test_hdcnn_seeds_rows_share_the_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hdcnn_seeds_rows_share_the_block(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))  # it imports benchmarks/seeds.py as a script does
     hs = _load("hdcnn_seeds")
     write_fashion_mnist(tmp_path / "fm", n_train=200, n_test=40)
     argv = ["--seed", "3", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "s3.json"),
@@ -193,3 +196,8 @@ def test_hdcnn_seeds_rows_share_the_block(tmp_path: Path, capsys: pytest.Capture
     first = [r["top1"] for r in result["rows"]]
     assert hs.main(argv) == 0  # every stage cached: the same numbers, nothing trained again
     assert [r["top1"] for r in json.loads((tmp_path / "s3.json").read_text())["rows"]] == first
+    capsys.readouterr()
+    assert hs.main(["--table", str(tmp_path / "s3.json")]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows[:4]] == [r["variant"] for r in result["rows"]]
+    assert {r[0] for r in rows[4:]} >= {"spectral", "agglomerative", "affinity", "auto"}
