@@ -309,3 +309,29 @@ def test_loader_argument_errors():
     small = build_loader(ds, None, batch_size=16, world_size=2)  # drop_last would leave an empty epoch
     assert len(small) == 1 and [len(y) for _, y in small] == [10]
     assert len(build_loader(ds, None, batch_size=4, world_size=2)) == 2  # otherwise the remainder is dropped
+
+
+class _Quiet(_DyingDataset):
+    source = "quiet-dataset"
+
+    def __getitem__(self, index):
+        return torch.zeros(3, 2, 2), 0
+
+
+def test_a_dropped_loader_shuts_its_workers_down():
+    """The copy-on-write freeze of the heap is undone in the parent once the workers are forked: a loader
+    that is dropped (it is in a reference cycle) is collected and its persistent workers stop."""
+    import gc
+
+    for _ in range(2):
+        loader = build_loader(_Quiet(), lambda x: x, batch_size=2, workers=1, shuffle=False)
+        assert len(list(loader)) == 4
+        workers = list(loader._loader._iterator._workers)  # torch's persistent worker processes
+        assert workers and all(w.is_alive() for w in workers)
+        del loader
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(w.is_alive() for w in workers)
+    assert gc.get_freeze_count() == 0

@@ -247,12 +247,17 @@ class FileLoader(_Loader):
         )
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.workers and getattr(self._loader, "_iterator", None) is None:
+        starting = bool(self.workers) and getattr(self._loader, "_iterator", None) is None
+        if starting:
             # forked workers share the parent's heap copy-on-write; freezing the objects that exist now keeps
             # the workers' garbage collector from touching (and so copying) those pages
             gc.collect()
             gc.freeze()
-        it = iter(self._loader)
+        try:
+            it = iter(self._loader)  # forks the persistent workers the first time
+        finally:
+            if starting:
+                gc.unfreeze()  # the workers keep their frozen copy; the parent collects (and drops loaders) again
         while True:
             try:
                 images, labels, skipped = next(it)
