@@ -138,3 +138,50 @@ def test_params_are_the_flattened_config_and_experiment_defaults_to_the_name(tmp
     assert LogSettings(params={"name": "recipe"}).experiment_of(folder) == "recipe"
     assert LogSettings().experiment_of(folder) == "stage1"
     assert LogSettings(experiment="mine", params={"name": "recipe"}).experiment_of(folder) == "mine"
+
+
+@pytest.mark.skipif(mlflow_missing, reason="mlflow is not installed (pip install mlflow-skinny)")
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "store").as_uri()
+    run_dir = tmp_path / "run"
+    kw = {"loggers": ["mlflow"], "mlflow_uri": uri, "experiment": "tiny"}
+    run(run_dir, epochs=1, **kw)
+    run(run_dir, epochs=2, resume=True, **kw)
+    client = _client(uri)
+    logged = _only_run(client, "tiny")  # one MLflow run for the run folder
+    assert logged.info.status == "FINISHED" and logged.data.tags["c2f.resumed_after_epoch"] == "1"
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_top1")] == [1, 2]
+    run(tmp_path / "other", epochs=1, **kw)  # another run folder: its own MLflow run
+    assert len(client.search_runs([logged.info.experiment_id])) == 2
+
+
+class _FakeWandb:
+    """Records ``wandb.init``'s arguments; just enough of a run for WandbLogger."""
+
+    def __init__(self) -> None:
+        self.inits: list[dict] = []
+
+    def init(self, **kw):  # type: ignore[no-untyped-def]
+        self.inits.append(kw)
+        run_id = kw.get("id") or f"run{len(self.inits)}"
+        return type("Run", (), {"id": run_id, "define_metric": lambda *a, **k: None, "log": lambda *a, **k: None,
+                                "save": lambda *a, **k: None, "finish": lambda *a, **k: None,
+                                "log_artifact": lambda *a, **k: None})()
+
+    class Artifact:
+        def __init__(self, *a, **k) -> None:
+            pass
+
+        def add_file(self, *a, **k) -> None:
+            pass
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run_dir = tmp_path / "run"
+    run(run_dir, epochs=1, loggers=["wandb"])
+    run(run_dir, epochs=2, resume=True, loggers=["wandb"])
+    assert "id" not in fake.inits[0]
+    assert fake.inits[1]["id"] == "run1" and fake.inits[1]["resume"] == "allow"

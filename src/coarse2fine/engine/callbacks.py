@@ -9,6 +9,7 @@ a ``ConfigError`` before the run folder is opened (nothing written).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from coarse2fine.engine import distributed as du
+from coarse2fine.engine.checkpoint import atomic_write_json
 from coarse2fine.engine.run_folder import FitState, RunFolder
 from coarse2fine.errors import ConfigError
 
@@ -134,6 +136,15 @@ class TensorBoardLogger(Callback):
             self.writer = None
 
 
+def _stored_run(path: Path) -> dict[str, Any]:
+    """The tracker run a resumed run continues (``<run>/mlflow_run.json``, ``wandb_run.json``); {} if none."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class MLflowLogger(Callback):
     """An MLflow run (rank 0): the resolved recipe as parameters (``section.key``), the epoch records as
     metrics (step = epoch; ``step/loss``, ``step/lr`` per ``train.log_every`` steps), and at the end ``best.pt``
@@ -141,7 +152,8 @@ class MLflowLogger(Callback):
     artifacts; the run ends FINISHED, or FAILED when training raised.
 
     ``settings.mlflow_uri`` None: a file store in the run folder (``<run>/mlruns``; browse it with
-    ``mlflow ui --backend-store-uri <that file:// URI>``).
+    ``mlflow ui --backend-store-uri <that file:// URI>``). A resumed run (``--resume``) continues the MLflow
+    run it started (its id is kept in ``<run>/mlflow_run.json``) when that run is still in the same store.
     """
 
     def __init__(self, run: RunFolder, settings: LogSettings) -> None:
@@ -174,9 +186,16 @@ class MLflowLogger(Callback):
         name = self.settings.experiment_of(self.run)
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(name)
+        self.run_id = self._resumed(experiment_id) if self.run.resume else None
+        if self.run_id is not None:
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, "c2f.resumed_after_epoch", str(state.epoch))
+            log.info("MLflow %s: run %s continued at %s", self.version, self.run_id, self.uri)
+            return
         tags = {"c2f.run_dir": str(self.run.root), "c2f.resumed_after_epoch": str(state.epoch)}
         created = self.client.create_run(experiment_id, run_name=self.run.root.name, tags=tags)
         self.run_id = created.info.run_id
+        atomic_write_json(self.run.root / "mlflow_run.json", {"uri": self.uri, "run_id": self.run_id})
         params = [
             self._Param(str(k)[: self.max_key], str(v)[: self.max_value])
             for k, v in flatten(self.settings.params).items()
@@ -184,6 +203,17 @@ class MLflowLogger(Callback):
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         log.info("MLflow %s: run %s in experiment %r at %s", self.version, self.run_id, name, self.uri)
+
+    def _resumed(self, experiment_id: str) -> str | None:
+        """The stored run's id when it is in this store and experiment, else None (a new run is started)."""
+        stored = _stored_run(self.run.root / "mlflow_run.json")
+        if stored.get("uri") != self.uri or not isinstance(stored.get("run_id"), str):
+            return None
+        try:
+            found = self.client.get_run(stored["run_id"])
+        except Exception:  # deleted, or the store was moved: MLflow raises its own exception types
+            return None
+        return stored["run_id"] if found.info.experiment_id == experiment_id else None
 
     def _log(self, values: Mapping[str, Any], step: int, prefix: str = "", skip: Sequence[str] = ()) -> None:
         if self.run_id is None:
@@ -227,7 +257,8 @@ class WandbLogger(Callback):
     """A Weights & Biases run (rank 0), in ``settings.wandb_mode`` (default offline: files under
     ``<run>/wandb``, uploaded later by ``wandb sync``): the resolved recipe as its config, ``epoch/<column>``
     per epoch and ``step/loss``, ``step/lr`` per ``train.log_every`` steps, and at the end ``best.pt`` as a
-    model artifact and ``metrics.csv``, ``config.yaml`` and the pictures as run files."""
+    model artifact and ``metrics.csv``, ``config.yaml`` and the pictures as run files. A resumed run continues
+    the W&B run it started (``resume="allow"`` with the id kept in ``<run>/wandb_run.json``)."""
 
     def __init__(self, run: RunFolder, settings: LogSettings) -> None:
         try:
@@ -241,13 +272,17 @@ class WandbLogger(Callback):
         if not du.is_main_process():
             return
         self.run.root.mkdir(parents=True, exist_ok=True)
+        stored = _stored_run(self.run.root / "wandb_run.json").get("id") if self.run.resume else None
+        resume = {"id": stored, "resume": "allow"} if isinstance(stored, str) else {}
         self.wb = self.wandb.init(
             project=self.settings.experiment_of(self.run),
             name=self.run.root.name,
             dir=str(self.run.root),
             mode=self.settings.wandb_mode,
             config=dict(self.settings.params),
+            **resume,
         )
+        atomic_write_json(self.run.root / "wandb_run.json", {"id": self.wb.id})
         self.wb.define_metric("global_step")
         self.wb.define_metric("step/*", step_metric="global_step")
         self.wb.define_metric("epoch")
