@@ -365,3 +365,36 @@ def test_starter_recipe_trains_a_32px_tree_on_defaults(tmp_path, capsys):
     assert "test top-1" in report and "(6 images)" in report
     ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert ckpt["metadata"]["image_size"] == 32 and ckpt["metadata"]["in_memory"] is True
+
+
+def test_processes_wanting_one_cache_entry_take_turns(tmp_path, monkeypatch):
+    """The ranks of a torchrun job (here: four forked processes) ask for the same entry at once: one
+    decodes, the others wait on the entry's lock and read what it wrote."""
+    import multiprocessing
+
+    tree = write_tree(tmp_path / "t", {"a": 6, "b": 6})
+    cache, log = tmp_path / "cache", tmp_path / "decoded.log"
+    original = C._build
+
+    def counted(*args, **kwargs):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(C, "_build", counted)
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(4)
+
+    def rank() -> None:
+        start.wait()
+        mem = D.cached_images(D.ImageFolderDataset(tree), (32, 32), cache_dir=cache)
+        os._exit(0 if mem is not None and mem.images.shape == (12, 3, 32, 32) else 1)
+
+    procs = [ctx.Process(target=rank) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert len(log.read_text().split()) == 1
+    assert len(_cache_files(cache)) == 2  # one entry (the lock file is not one)

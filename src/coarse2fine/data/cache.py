@@ -6,16 +6,20 @@ as an :class:`~coarse2fine.data.base.InMemoryDataset`: the loader then augments 
 as it does Fashion-MNIST. An entry is named by a hash of the file list (and colour mode) and records a
 fingerprint of every file's size and modification time; a changed file rebuilds it. An entry is
 ``<name>.json`` (fingerprint, shape, images left out) and ``<name>-<fingerprint>.npy``, each written to a
-temporary file and renamed (the JSON last), so a reader never sees half an entry.
+temporary file and renamed (the JSON last), so a reader never sees half an entry. Processes that want
+the same entry at once (the ranks of a ``torchrun`` job, two runs) take turns on ``.<name>.lock``: the first
+decodes, the others wait and read its entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,11 @@ from tqdm.auto import tqdm
 
 from coarse2fine.data.base import ImageFileDataset, InMemoryDataset, load_image
 from coarse2fine.errors import DataError
+
+try:
+    import fcntl  # POSIX: the lock that makes processes take turns on one cache entry
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +139,25 @@ def _load(folder: Path, name: str, fingerprint: str) -> tuple[np.ndarray, dict[s
     return images, meta
 
 
+@contextlib.contextmanager
+def _turn(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (POSIX ``flock``; freed if the process dies); without one
+    (another OS, a read-only cache folder) no waiting: at worst two processes decode the same entry."""
+    try:
+        if fcntl is None:
+            raise OSError("no flock on this system")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+b")  # noqa: SIM115 - held for the block
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
 def _replace(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -197,16 +225,19 @@ def cached_images(
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name, fingerprint = cache_keys(dataset)
     found = _load(folder, name, fingerprint)
+    if found is None:
+        with _turn(folder / f".{name}.lock"):
+            found = _load(folder, name, fingerprint)  # written by whoever held the lock before
+            if found is None:
+                built = _build(dataset, size, workers, progress, strict)
+                if built is None:
+                    return None
+                images, dropped = built
+                _save(folder, name, fingerprint, images, {"source": str(dataset.source), "dropped": dropped})
     if found is not None:
         images, meta = found
         dropped = meta.get("dropped", {})
         log.info("%d images of %s read from the cache %s", images.shape[0], dataset.source, folder)
-    else:
-        built = _build(dataset, size, workers, progress, strict)
-        if built is None:
-            return None
-        images, dropped = built
-        _save(folder, name, fingerprint, images, {"source": str(dataset.source), "dropped": dropped})
     keep = np.ones(len(dataset), dtype=bool)
     keep[[int(i) for i in dropped]] = False
     if int(keep.sum()) != images.shape[0]:
