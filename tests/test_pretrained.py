@@ -23,11 +23,11 @@ from coarse2fine.cli import main
 from coarse2fine.config import load_config
 from coarse2fine.data.idx import write_idx
 from coarse2fine.engine import load_checkpoint
-from coarse2fine.errors import ModelError
-from coarse2fine.models import VGG, create_model
+from coarse2fine.errors import ConfigError, ModelError
+from coarse2fine.models import VGG, create_model, pretrained_normalization
 from coarse2fine.models.pretrained import timm_weights
 from coarse2fine.models.vgg import vgg_state_from_timm
-from coarse2fine.recipes import build_backbone, load_trained
+from coarse2fine.recipes import build_backbone, build_datasets, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "test_resnet"  # ~0.5 M parameters; its default weights: hub id timm/test_resnet.r160_in1k
@@ -235,3 +235,24 @@ def test_herbs_recipes_name_the_official_swin_l_22k_weights(recipe: str) -> None
     assert cfg.model.pretrained == "swin_large_patch4_window12_384.ms_in22k"
     name, hub_id = timm_weights(cfg.model.name.removeprefix("timm/"), cfg.model.pretrained)  # resolves, no download
     assert (name, hub_id) == ("swin_large_patch4_window12_384.ms_in22k", "timm/swin_large_patch4_window12_384.ms_in22k")
+
+
+def test_pretrained_models_are_normalised_with_their_weights_statistics(
+    cached: Path, fmnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data.normalize: auto`` with ``model.pretrained``: the weights' own mean/std (timm's pretrained_cfg;
+    RGB averaged for grey images), as timm fine-tunes; ``dataset``: the training split's."""
+    monkeypatch.chdir(ROOT)
+    sets = [f"data.root={fmnist}", f"model.name=timm/{ARCH}", "model.pretrained=true"]
+
+    def stats(*extra: str) -> dict:
+        return build_datasets(load_config("configs/fashion_mnist_vgg.yaml", [*sets, *extra])).stats
+
+    own = stats("data.normalize=dataset")
+    assert own["mean"][0] < 0.3 and "normalize" not in own  # dark images
+    assert stats()["mean"] == [0.5] and stats()["std"] == [0.5]  # test_resnet.r160_in1k: (0.5, 0.5, 0.5)
+    assert stats("model.pretrained=false")["mean"] == own["mean"]
+    imagenet = pretrained_normalization("vgg11", True)  # our VGG: timm's vgg11.tv_in1k configuration
+    assert imagenet is not None and imagenet[0] == pytest.approx([0.485, 0.456, 0.406])
+    with pytest.raises(ConfigError, match=r"data\.normalize.*model\.pretrained"):
+        load_config(None, ["data.normalize=pretrained"])

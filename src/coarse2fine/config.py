@@ -170,6 +170,9 @@ class DataConfig:
     split_file: str | None = None  # CSV path,label,split (train|test), paths relative to root; beats test_fraction
     follow_external_links: bool = False  # follow symbolic links that lead out of data.root
     cache: CacheMode = "auto"  # decode small images once into a uint8 array; auto: one size <= 64 px
+    # mean/std the images are normalised with: auto = the pretrained weights' own (model.pretrained) or else the
+    # training split's; dataset = always the training split's; pretrained = the weights' (needs model.pretrained)
+    normalize: Literal["auto", "dataset", "pretrained"] = "auto"
     cache_dir: str | None = None  # None: $C2F_CACHE_DIR or ~/.cache/coarse2fine/folders
 
     # augmentation (timm/torchvision)
@@ -391,6 +394,11 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
     def _problems(self) -> Iterator[tuple[str, str]]:
+        if self.data.normalize == "pretrained" and self.model.pretrained is False:
+            yield "data.normalize", (
+                "pretrained uses the statistics of the weights model.pretrained names, but it is false; "
+                "set model.pretrained or data.normalize=auto"
+            )
         if self.data.decode_device == "cuda":
             if self.train.device == "cpu":
                 yield "data.decode_device", "cuda decodes on the training GPU, but train.device is cpu; set it to cpu"

@@ -11,6 +11,7 @@ from coarse2fine.models.factory import (
     unregister_model,
 )
 from coarse2fine.models.nin import NIN
+from coarse2fine.models.pretrained import pretrained_normalization
 from coarse2fine.models.timm_backbone import TimmBackbone
 from coarse2fine.models.utils import reset_last_layer
 from coarse2fine.models.vgg import VGG, DenseVGG, init_from_shallower, init_weights
@@ -29,6 +30,7 @@ __all__ = [
     "list_models",
     "load_pretrained_file",
     "model_summary",
+    "pretrained_normalization",
     "register_model",
     "reset_last_layer",
     "unregister_model",

@@ -156,3 +156,22 @@ def load_vgg_pretrained(model: VGG, name: str, pretrained: bool | str) -> dict[s
     if report["skipped"]:
         log.warning("VGG %s: pretrained layers not loaded (shapes differ): %s", name, ", ".join(report["skipped"]))
     return report
+
+
+def pretrained_normalization(name: str, pretrained: bool | str) -> tuple[list[float], list[float]] | None:
+    """The per-channel (mean, std) in [0, 1] that the weights ``pretrained`` of model ``name`` (ours or
+    ``timm/<name>``) were trained with, from their timm ``pretrained_cfg`` (a hub repository's
+    ``config.json``); None when it gives none."""
+    from timm.models import get_pretrained_cfg, load_model_config_from_hf
+
+    timm_name, source = timm_weights(name.removeprefix("timm/"), pretrained)
+    if timm_name.startswith(HUB_PREFIX):
+        with hub_errors(source):
+            found = load_model_config_from_hf(source)[0] or {}
+        mean, std = found.get("mean"), found.get("std")
+    else:
+        cfg = get_pretrained_cfg(timm_name)
+        mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+    if mean is None or std is None:
+        return None
+    return [float(v) for v in mean], [float(v) for v in std]

@@ -23,7 +23,7 @@ from coarse2fine.engine.evaluate import metrics_from_probs, resolve_device
 from coarse2fine.engine.protocols import collate_list, evaluate_protocol
 from coarse2fine.errors import ConfigError, DataError
 from coarse2fine.facts import RunFacts
-from coarse2fine.models import default_input_size
+from coarse2fine.models import default_input_size, pretrained_normalization
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,26 @@ def _sources(cfg: RunConfig, run_dir: str | Path | None, progress: bool) -> tupl
     return full, test, split, image_size, bool(getattr(full, "in_memory", False)) or small
 
 
+def normalization(cfg: RunConfig, stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` with the mean/std ``data.normalize`` picks: a pretrained model's own (timm's
+    ``pretrained_cfg``, as timm fine-tunes; averaged over RGB for one-channel images), else the training
+    split's. The colour-shift eigen-decomposition stays the training split's."""
+    d, m = cfg.data, cfg.model
+    if d.normalize == "dataset" or m.pretrained is False:
+        return stats
+    found = pretrained_normalization(m.name, m.pretrained)
+    channels = len(stats["mean"])
+    if found is not None and channels == 1 and len(found[0]) == 3:
+        found = [sum(found[0]) / 3], [sum(found[1]) / 3]
+    if found is None or len(found[0]) != channels:
+        what = "give none" if found is None else f"are for {len(found[0])} channels, the images have {channels}"
+        if d.normalize == "pretrained":
+            raise ConfigError(f"data.normalize=pretrained: the statistics of weights {m.pretrained!r} {what}")
+        log.info("normalising with the training split's statistics: those of the pretrained weights %s", what)
+        return stats
+    return {**stats, "mean": found[0], "std": found[1], "normalize": f"pretrained weights of {m.name}"}
+
+
 # the data.* settings that are build_transforms' keyword arguments of the same name
 TRANSFORM_SETTINGS = (
     "train_scale", "test_scale", "pad", "flip", "color_shift", "auto_augment", "auto_augment_magnitude"
@@ -243,7 +263,7 @@ def build_datasets(cfg: RunConfig, *, run_dir: str | Path | None = None, progres
         train = D.limit(train, d.limit_train, seed=cfg.seed)
         val = D.limit(val, n_val, seed=cfg.seed)
     test = D.limit(test, d.limit_test, seed=cfg.seed)
-    stats = D.compute_mean_std(train, seed=cfg.seed)
+    stats = normalization(cfg, D.compute_mean_std(train, seed=cfg.seed))
     train_tf, eval_tf = transforms_for(cfg, stats, image_size, small)
     return DataBundle(
         train=train,
