@@ -7,8 +7,9 @@ optimiser, schedule and epochs; only the head and the loss differ:
 - ``herbs``: full HERBS (feature pyramid, selector, combiner, refinement);
 - ``bs``: basic background suppression on the last block;
 - ``refine``: basic high-temperature refinement on the last two blocks;
-- ``nosel``: full HERBS with the selector off (``herbs.use_selection=false``): feature pyramid and
-  token-averaged heads without background suppression.
+- ``nosel``: HERBS with the selector off (``herbs.use_selection=false``, and so the combiner that reads the
+  selected tokens: ``herbs.use_combiner=false``): feature pyramid, refinement and token-averaged heads,
+  no background suppression.
 
 Test top-1 is measured on the official 10k test images (``--folder``: a stratified ``--test-fraction`` of
 the tree carved with ``--data-seed``, never trained on). Cost of HERBS over its backbone, measured in
@@ -182,6 +183,7 @@ def make_arm(arm: str, args: argparse.Namespace, num_classes: int) -> tuple[nn.M
         lambda_dropped=args.lambda_dropped,
         basic=arm if arm in ("bs", "refine") else None,
         use_selection=arm != "nosel",
+        use_combiner=arm != "nosel",  # the combiner reads the selected tokens (the official code asserts it)
     )
     model, objective = build_herbs(backbone, num_classes, cfg, input_size=(chans, size, size))
     return model, objective, backbone

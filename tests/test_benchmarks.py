@@ -152,7 +152,7 @@ def test_seed_table_means_spreads_and_paired_deltas(capsys: pytest.CaptureFixtur
 
 def test_herbs_ablation_on_a_folder_tree_with_the_selector_off(tmp_path: Path) -> None:
     """``--folder``: a tree's images through the image cache, a carved stratified test part; ``nosel``
-    is full HERBS without the selector (no dropped loss, no selection)."""
+    is HERBS without the selector and the combiner that reads its tokens (no dropped or merged loss)."""
     ha = _load("herbs_ablation")
     rng = np.random.default_rng(0)
     root = tmp_path / "tree"
@@ -169,7 +169,7 @@ def test_herbs_ablation_on_a_folder_tree_with_the_selector_off(tmp_path: Path) -
     args = ha.parse_args(["--folder", str(root), "--arms", "nosel"])
     args.size, args.chans = 32, 3
     model, _, _ = ha.make_arm("nosel", args, 3)
-    assert model.selector is None and model.combiner is not None
+    assert model.selector is None and model.combiner is None
 
 
 @pytest.mark.slow  # ~40 s of CPU: two blocks and two HD-CNNs, one epoch each on 200 images

@@ -91,6 +91,7 @@ def test_a_value_outside_a_literal_names_the_key_and_the_choices(
         ("data.label", "coarse"): ["data.name=cifar100"],
         ("train.best_on", "ema"): ["train.ema_decay=0.999"],
         ("data.cache", "on"): ["data.name=folder"],
+        ("data.normalize", "pretrained"): ["model.pretrained=true"],
     }
     for choice in choices:  # every choice loads (YAML 1.1 reads `off` as false: still the string "off")
         cfg = load_config(None, [f"{key}={choice}", *needs.get((key, choice), [])])
@@ -179,6 +180,8 @@ def test_every_declared_range_is_checked_at_load(key: str, bounds: Range) -> Non
         (["eval.scales=[]"], r"eval\.scales: give at least one test scale Q"),
         (["herbs.num_selects=[2.5]"], r"herbs\.num_selects\[0\]: 2\.5 is neither a token count"),
         (["herbs.use_bottom_up=false"], r"herbs\.use_refinement: needs herbs\.use_bottom_up"),
+        (["herbs.use_selection=false"], r"herbs\.use_combiner: reads the tokens the selector keeps"),
+        (["data.normalize=pretrained"], r"^data\.normalize: pretrained uses the statistics"),
         (["train.best_on=ema"], r"^train\.best_on: 'ema' needs train\.ema_decay"),
         (["method=herbs", "data.cutmix_alpha=1"], r"^data\.mixup_alpha: .*method 'herbs' trains on hard labels"),
         (["method=hdcnn", "data.mixup_alpha=0.2"], r"^data\.mixup_alpha: .*method 'hdcnn' trains on hard labels"),
@@ -198,6 +201,8 @@ def test_possible_combinations_load() -> None:
     assert load_config(None, ["data.label=coarse", "data.name=cifar100"]).data.label == "coarse"
     assert load_config(None, ["herbs.use_bottom_up=false", "herbs.use_refinement=false"]).herbs.use_bottom_up is False
     assert load_config(None, ["herbs.use_bottom_up=false", "herbs.basic=refine"]).herbs.basic == "refine"
+    nosel = load_config(None, ["herbs.use_selection=false", "herbs.use_combiner=false"]).herbs
+    assert not nosel.use_selection and not nosel.use_combiner
     assert load_config(None, ["herbs.num_selects=[64, 0.25, 3.0]"]).herbs.num_selects == [64, 0.25, 3]
     assert load_config(None, ["data.mixup_alpha=0.2", "data.cutmix_alpha=1"]).data.mixing
     assert load_config(None, ["method=herbs", "data.random_erase=0.25", "data.auto_augment=rand"]).data.random_erase

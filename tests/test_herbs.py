@@ -285,11 +285,14 @@ def test_basic_variants() -> None:
 
 def test_ablation_switches() -> None:
     model, obj = build_herbs(
-        TinyCNN(), NUM_CLASSES, cfg_(use_selection=False, use_refinement=False, use_fpn=False), input_size=32
+        TinyCNN(),
+        NUM_CLASSES,
+        cfg_(use_selection=False, use_combiner=False, use_refinement=False, use_fpn=False),
+        input_size=32,
     )
     out = model(torch.randn(2, 1, 32, 32))
-    check_outputs(out, 2, {f"bu_{i}" for i in range(1, 5)} | {"combiner"})
-    assert "dropped" not in out and "refine_student" not in out
+    check_outputs(out, 2, {f"bu_{i}" for i in range(1, 5)})
+    assert "dropped" not in out and "refine_student" not in out and "merged" not in out
     assert obj(out, torch.tensor([0, 1]))["loss"] > 0
     model, _ = build_herbs(TinyCNN(), NUM_CLASSES, cfg_(use_combiner=False), input_size=32)
     check_outputs(model(torch.randn(2, 1, 32, 32)), 2, ALL_HEADS - {"combiner"})
@@ -356,3 +359,8 @@ def test_short_training_learns_tiny_problem() -> None:
     assert acc > 0.9 and acc > before + 0.3
     assert (out["heads"]["combiner"].argmax(-1) == yt).float().mean() > 0.7
     assert math.isfinite(terms["refine"].item())
+
+
+def test_combiner_without_selector_is_refused_as_the_official_code_does() -> None:
+    with pytest.raises(ConfigError, match=r"herbs\.use_combiner: reads the tokens the selector keeps"):
+        build_herbs(TinyCNN(), NUM_CLASSES, cfg_(use_selection=False), input_size=32)

@@ -364,6 +364,11 @@ class HERBSConfig:
         for i, v in enumerate(self.num_selects or []):
             if v >= 1 and not float(v).is_integer():
                 yield f"num_selects[{i}]", f"{_num(v)} is neither a token count (integer >= 1) nor a fraction < 1"
+        if self.basic is None and self.use_combiner and not self.use_selection:
+            yield "use_combiner", (
+                "reads the tokens the selector keeps (the official code asserts herbs.use_selection too): "
+                "--set herbs.use_combiner=false, or --set herbs.use_selection=true"
+            )
         if self.basic is None and self.use_refinement and not self.use_bottom_up:
             why = "the refinement target is the bottom-up classifier"
             yield "use_refinement", (

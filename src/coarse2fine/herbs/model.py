@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from coarse2fine.config import HERBSConfig
+from coarse2fine.config import HERBSConfig, validate
 from coarse2fine.errors import ConfigError, ModelError
 from coarse2fine.herbs.combiner import GraphCombiner
 from coarse2fine.herbs.fpn import FeatureFusion, Grid, TokenClassifier, resize_tokens, to_tokens
@@ -288,6 +288,8 @@ def build_herbs(
     input_size: int | Sequence[int] | None = None,
 ) -> tuple[HERBS, HERBSObjective]:
     """HERBS around ``backbone`` and its loss (METHODS.md §3). ``input_size``: int, (H, W) or (C, H, W);
-    it fixes the combiner's token count under ``combiner_pool='linear'`` and the count checks."""
+    it fixes the combiner's token count under ``combiner_pool='linear'`` and the count checks. ``cfg`` is
+    checked as a recipe's ``herbs`` section is (ConfigError naming ``herbs.<key>``)."""
+    cfg = validate(cfg, "herbs")
     model = HERBS(backbone, num_classes, cfg, input_size)
     return model, HERBSObjective(cfg)
