@@ -53,11 +53,11 @@ def hierarchy_methods(cfg: RunConfig, block: nn.Module, loaders: Any, classes: l
     return out
 
 
-def _hdcnn(cfg: RunConfig, clustering: str, block_path: str, bundle: Any, loaders: Any, seed_dir: Path) -> dict:
-    """Stages 2-4 on the seed's block with ``clustering``: the fine-tuned model and its hierarchy."""
+def _hdcnn(cfg: RunConfig, clustering: str, block_path: str, bundle: Any, loaders: Any, folder: Path) -> dict:
+    """Stages 2-4 on the seed's block with ``clustering`` under ``folder``: the fine-tuned model, its hierarchy."""
     hd = dataclasses.replace(cfg.hdcnn, clustering=clustering, block_checkpoint=block_path)
     ccfg = dataclasses.replace(cfg, hdcnn=hd)
-    paths = StagePaths(seed_dir / clustering)
+    paths = StagePaths(folder)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     pre = pretrain_stages(ccfg, bundle, loaders, paths, resume=True, progress=True)
     model = pre.model
@@ -65,8 +65,9 @@ def _hdcnn(cfg: RunConfig, clustering: str, block_path: str, bundle: Any, loader
     return {"model": model, "hierarchy": pre.hierarchy}
 
 
-def run_seed(cfg: RunConfig, clusterings: list[str]) -> dict[str, Any]:
-    """Train (or reuse) every stage of one seed and evaluate every row on the test split."""
+def run_seed(cfg: RunConfig, clusterings: list[str], tag: str = "") -> dict[str, Any]:
+    """Train (or reuse) every stage of one seed and evaluate every row on the test split; a ``tag`` names
+    HD-CNNs trained with other settings (``--set``) beside the untagged ones, on the same blocks."""
     start = time.perf_counter()
     seed_dir = Path(cfg.run_dir)
     bundle = build_datasets(cfg, run_dir=seed_dir)
@@ -78,8 +79,8 @@ def run_seed(cfg: RunConfig, clusterings: list[str]) -> dict[str, Any]:
     groups: dict[str, Any] = {}
     methods = hierarchy_methods(cfg, block, loaders, list(bundle.classes))
     for c in clusterings:
-        got = _hdcnn(cfg, c, block_path, bundle, loaders, seed_dir)
-        models[f"HD-CNN, {c} hierarchy"] = got["model"]
+        got = _hdcnn(cfg, c, block_path, bundle, loaders, seed_dir / (f"{c}_{tag}" if tag else c))
+        models[f"HD-CNN, {c} hierarchy" + (f", {tag}" if tag else "")] = got["model"]
         h = got["hierarchy"]
         groups[c] = {"partial_sets": h.partial_groups(), "quality": h.meta.get("quality", {})}
     train_seconds = time.perf_counter() - start
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clusterings", default="spectral,auto")
+    ap.add_argument("--tag", default="", help="name HD-CNNs trained with other --set values (own stage folders)")
     ap.add_argument("--out", default="runs/bench_hdcnn_seeds")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="only print the tables of these runs")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*args.overrides, f"seed={args.seed}", f"out_dir={args.out}", f"name=seed{args.seed}"]
     cfg = load_config(args.config, overrides)
     apply_threads(cfg.train.threads)
-    result = run_seed(cfg, [c for c in args.clusterings.split(",") if c])
+    result = run_seed(cfg, [c for c in args.clusterings.split(",") if c], args.tag)
     result.update(
         config=args.config,
         overrides=overrides,
