@@ -12,7 +12,6 @@ process alone unless :func:`tune_malloc` is called.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -36,11 +35,8 @@ def tune_malloc() -> bool:
         return False
     if any(key in os.environ for key in ENV_KEYS):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (find_library runs ldconfig)
         mallopt = libc.mallopt
         gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only (musl has no mallopt thresholds)
     except (OSError, AttributeError):
