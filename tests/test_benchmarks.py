@@ -6,32 +6,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers.benchmarks import BENCH, load_benchmark
 from helpers.data import write_fashion_mnist
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -48,7 +35,7 @@ def _threads():
 
 @pytest.mark.slow  # ~15 s of CPU: 16 arms, four of them traced by torch.compile
 def test_gpu_throughput_tiny_mode_has_every_row(capsys: pytest.CaptureFixture[str]) -> None:
-    gpu = _load("gpu_throughput")
+    gpu = load_benchmark("gpu_throughput")
     assert gpu.main(["--tiny", "--cpu"]) == 0
     rows = _table_rows(capsys.readouterr().out)
     expected = {(m, c, loop) for m in gpu.CASES for c in ("no", "yes") for loop in ("engine", "bare")}
@@ -63,7 +50,7 @@ def test_gpu_throughput_tiny_mode_has_every_row(capsys: pytest.CaptureFixture[st
 
 
 def test_gpu_throughput_reports_an_arm_that_fails(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
-    gpu = _load("gpu_throughput")
+    gpu = load_benchmark("gpu_throughput")
 
     def broken(tiny: bool):
         raise RuntimeError("cannot trace this model")
@@ -76,14 +63,14 @@ def test_gpu_throughput_reports_an_arm_that_fails(capsys: pytest.CaptureFixture[
 
 
 def test_partial_sets_cover_every_class() -> None:
-    gpu = _load("gpu_throughput")
+    gpu = load_benchmark("gpu_throughput")
     sets = gpu._partial_sets(100, 4)
     assert len(sets) == 4 and set().union(*sets) == set(range(100))
     assert all(len(set(a) & set(b)) > 0 for a, b in itertools.pairwise(sets))  # neighbours overlap
 
 
 def test_throughput_ceiling_covers_the_models_flops() -> None:
-    tp = _load("throughput")
+    tp = load_benchmark("throughput")
     torch.set_num_threads(1)
     case = tp.replace(tp.CASES["vgg_small_bn"], batch=4)
     arms = [tp.build_arms("vgg_small_bn", case, tp.parse_variant(v), 10, torch.channels_last, 0)
@@ -99,7 +86,7 @@ def test_throughput_ceiling_covers_the_models_flops() -> None:
 
 
 def test_overhead_arms_train_on_a_generated_jpeg_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    oh = _load("overhead")
+    oh = load_benchmark("overhead")
     argv = ["--data", "folder", "--folder-root", str(tmp_path / "tree"), "--folder-images", "6", "--limit-train", "0",
             "--epochs", "1", "--repeats", "1", "--threads", "1", "--no-progress",
             "--set", "data.workers=0", "--set", "data.batch_size=8", "--set", "data.image_size=32",
@@ -113,7 +100,7 @@ def test_overhead_arms_train_on_a_generated_jpeg_tree(tmp_path: Path, capsys: py
 
 
 def test_time_to_accuracy_summary() -> None:
-    fm = _load("fashion_mnist")
+    fm = load_benchmark("fashion_mnist")
 
     def rows(flips: list[float], cpu_per_epoch: float) -> list[dict[str, float]]:
         return [{"epoch": i + 1, "minutes": cpu_per_epoch * (i + 1), "cpu_minutes": cpu_per_epoch * (i + 1),
@@ -135,7 +122,7 @@ def test_time_to_accuracy_summary() -> None:
 
 
 def test_seed_table_means_spreads_and_paired_deltas(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    sd = _load("seeds")
+    sd = load_benchmark("seeds")
     runs = [{"rows": [{"arm": "plain", "top1": p}, {"arm": "herbs", "top1": h}]}
             for p, h in ((0.80, 0.82), (0.70, 0.73), (0.75, 0.76))]
     files = []
@@ -153,7 +140,7 @@ def test_seed_table_means_spreads_and_paired_deltas(capsys: pytest.CaptureFixtur
 def test_herbs_ablation_on_a_folder_tree_with_the_selector_off(tmp_path: Path) -> None:
     """``--folder``: a tree's images through the image cache, a carved stratified test part; ``nosel``
     is HERBS without the selector and the combiner that reads its tokens (no dropped or merged loss)."""
-    ha = _load("herbs_ablation")
+    ha = load_benchmark("herbs_ablation")
     rng = np.random.default_rng(0)
     root = tmp_path / "tree"
     for i in range(30):
@@ -177,7 +164,7 @@ def test_hdcnn_seeds_rows_share_the_block(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.syspath_prepend(str(BENCH))  # it imports benchmarks/seeds.py as a script does
-    hs = _load("hdcnn_seeds")
+    hs = load_benchmark("hdcnn_seeds")
     write_fashion_mnist(tmp_path / "fm", n_train=200, n_test=40)
     argv = ["--seed", "3", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "s3.json"),
             "--set", f"data.root={tmp_path / 'fm'}", "--set", "hdcnn.block_epochs=1", "--set", "hdcnn.fine_epochs=1",

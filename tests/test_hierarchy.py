@@ -33,6 +33,7 @@ from coarse2fine.hierarchy import (
     quality_warnings,
 )
 from coarse2fine.hierarchy.plot import quality_line
+from helpers.benchmarks import load_benchmark
 
 
 def planted(num_classes: int, num_coarse: int, seed: int, n_per: int = 40):
@@ -156,22 +157,8 @@ def test_cluster_classes_bad_k_and_method() -> None:
 
 # ---- hierarchy quality (METHODS.md eqs. (11a), (11b)) and the default method "auto" ----------------
 
-FMNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-FMNIST_PAIRS = {  # symmetrised confusion of a Fashion-MNIST-like block (benchmarks/hierarchy_quality.py)
-    ("T-shirt/top", "Shirt"): 0.10,
-    ("Pullover", "Coat"): 0.08,
-    ("Pullover", "Shirt"): 0.07,
-    ("Coat", "Shirt"): 0.06,
-    ("T-shirt/top", "Pullover"): 0.02,
-    ("Dress", "Coat"): 0.03,
-    ("T-shirt/top", "Dress"): 0.03,
-    ("Sandal", "Sneaker"): 0.03,
-    ("Sneaker", "Ankle boot"): 0.03,
-    ("Sandal", "Ankle boot"): 0.01,
-    ("Trouser", "Dress"): 0.005,
-    ("Bag", "T-shirt/top"): 0.005,
-    ("Bag", "Shirt"): 0.0025,
-}
+PLANTED = load_benchmark("hierarchy_quality")  # the planted Fashion-MNIST-like confusion of its table
+FMNIST = PLANTED.CLASSES
 
 
 def confusion_of_pairs(num_classes: int, pairs: dict[tuple[int, int], float], background: float) -> np.ndarray:
@@ -185,8 +172,7 @@ def confusion_of_pairs(num_classes: int, pairs: dict[tuple[int, int], float], ba
 
 
 def fmnist_like() -> np.ndarray:
-    ix = {n: i for i, n in enumerate(FMNIST)}
-    return confusion_of_pairs(10, {(ix[a], ix[b]): v for (a, b), v in FMNIST_PAIRS.items()}, 0.001)
+    return PLANTED.planted_confusion(background=0.001)
 
 
 def isolated_planted(seed: int) -> tuple[np.ndarray, np.ndarray]:
