@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -21,13 +20,13 @@ from torch import nn
 
 from coarse2fine.cli import main
 from coarse2fine.config import load_config
-from coarse2fine.data.idx import write_idx
 from coarse2fine.engine import load_checkpoint
 from coarse2fine.errors import ConfigError, ModelError
 from coarse2fine.models import VGG, create_model, pretrained_normalization
 from coarse2fine.models.pretrained import timm_weights
 from coarse2fine.models.vgg import vgg_state_from_timm
 from coarse2fine.recipes import build_backbone, build_datasets, load_trained
+from helpers.data import write_learnable_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "test_resnet"  # ~0.5 M parameters; its default weights: hub id timm/test_resnet.r160_in1k
@@ -169,16 +168,7 @@ def test_vgg_without_timm_weights_and_vgg_offline_are_clear_errors(hub: Path) ->
 @pytest.fixture(scope="module")
 def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Fashion-MNIST in the IDX format: class c is a bright row band (learnable)."""
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 200), ("t10k", 50)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 2 * c + 2 : 2 * c + 6, 4:24] = 240
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
-    return root
+    return write_learnable_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
 
 
 def _train(root: Path, out: Path, *extra: str) -> list[str]:

@@ -10,31 +10,18 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from coarse2fine.cli import main
-from coarse2fine.data.idx import write_idx
 from coarse2fine.engine.checkpoint import load_checkpoint
-
-
-def write_tiny_fashion_mnist(root: Path, n_train: int = 60, n_test: int = 20) -> Path:
-    """Fashion-MNIST in its real format (gzipped IDX files); class j is a bright bar at row 2j + 3."""
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-        for i, y in enumerate(labels):
-            images[i, 2 * y + 3 : 2 * y + 6, 4:24] = 255
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
-    return root
+from helpers.data import write_learnable_fashion_mnist
 
 
 @pytest.fixture(scope="module")
 def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+    """Class j is a bright bar at rows 2j + 3 to 2j + 6."""
+    return write_learnable_fashion_mnist(tmp_path_factory.mktemp("fmnist"), 60, 20, bar=(3, 6), value=255)
 
 
 def _train(fmnist: Path, out: Path, *extra: str) -> int:

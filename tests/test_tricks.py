@@ -19,11 +19,11 @@ from torchvision.transforms import v2
 
 from coarse2fine.cli import main
 from coarse2fine.config import DataConfig, load_config
-from coarse2fine.data.idx import write_idx
 from coarse2fine.data.transforms import BatchAugment, TrainBatchTransform, large_train_transform, train_batch_transform
 from coarse2fine.engine import CrossEntropyObjective, FitSetup, RunFolder, fit, load_checkpoint
 from coarse2fine.engine.progress import Bar, LogProgress, progress
 from coarse2fine.recipes import load_trained
+from helpers.data import write_learnable_fashion_mnist
 from helpers.engine import (
     CLASSES,
     STEPS_PER_EPOCH,
@@ -256,16 +256,7 @@ def test_progress_picks_tqdm_on_a_terminal_and_lines_elsewhere() -> None:
 
 def test_train_with_every_trick_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 200), ("t10k", 50)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 2 * c + 2 : 2 * c + 6, 4:24] = 240
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    root = write_learnable_fashion_mnist(tmp_path / "fmnist")
     sets = [f"data.root={root}", f"out_dir={tmp_path / 'runs'}", "train.epochs=2", "data.batch_size=50"]
     sets += ["data.auto_augment=trivial", "data.random_erase=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1"]
     sets += ["train.ema_decay=0.9", "train.best_on=ema"]

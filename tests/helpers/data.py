@@ -126,3 +126,30 @@ def write_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (1
         for k in range(count):
             write_png(root / name / f"img_{k}.png", size, (c * 60 % 256, k * 20 % 256, 7))
     return root
+
+
+def write_learnable_fashion_mnist(
+    root: Path,
+    n_train: int = 200,
+    n_test: int = 50,
+    *,
+    bar: tuple[int, int] = (2, 6),
+    value: int = 240,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Fashion-MNIST in its real format (gzipped IDX files) that a network learns: noise below 60 and, for
+    class c, a bright bar over rows ``2c + bar[0]`` to ``2c + bar[1]``; the labels cycle through the classes
+    (``shuffle``: in a random order)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        if shuffle:
+            rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c + bar[0] : 2 * c + bar[1], 4:24] = value
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return root

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from coarse2fine.config import RunConfig, load_config
 from coarse2fine.hdcnn.model import FineComponents
 from coarse2fine.models.base import Backbone, StageInfo
+from helpers.data import write_learnable_fashion_mnist
 
 
 class TinyBlock(Backbone):
@@ -44,20 +42,8 @@ class TinyBlock(Backbone):
 
 
 def write_fashion_mnist(root: Path, n_train: int = 300, n_test: int = 100, seed: int = 0) -> Path:
-    """Tiny Fashion-MNIST in the real format (four gzipped IDX files); class j is a bright bar at row 2j."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n, dtype=np.uint8) % 10
-        rng.shuffle(labels)
-        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-        for i, y in enumerate(labels):
-            images[i, 2 * y + 3 : 2 * y + 6, 4:24] = 255
-        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
-        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
-    return root
+    """Tiny Fashion-MNIST in the real format, labels shuffled; class j is a bright bar at rows 2j + 3 to 2j + 6."""
+    return write_learnable_fashion_mnist(root, n_train, n_test, bar=(3, 6), value=255, shuffle=True, seed=seed)
 
 
 def old_layout_state(model: Any, seed: int = 1) -> dict[str, Tensor]:
